@@ -1,0 +1,38 @@
+"""Grid cells: the categorical factors of `grid.yaml` crossed into the trials of a study.
+
+Every algorithm keeps the categorical factors a full factorial grid, so that paired comparisons
+between the levels of a factor stay balanced; `search.num_samples` is the number of trials per
+cell (repeats for `grid`, draws of the continuous ranges for `random` and `optuna`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+from study.config import StudyConfig
+
+
+def grid_cells(config: StudyConfig) -> list[dict]:
+    """Every combination of the categorical factor levels, in the order the YAML lists them."""
+    axes = config.factors.categorical_axes()
+    names = list(axes)
+    return [dict(zip(names, levels)) for levels in itertools.product(*(axes[n] for n in names))]
+
+
+def count_trials(config: StudyConfig) -> int:
+    """Trials in the study: grid cells times `search.num_samples`."""
+    cells = 1
+    for levels in config.factors.categorical_axes().values():
+        cells *= len(levels)
+    return cells * config.search.num_samples
+
+
+def trials_per_level(config: StudyConfig) -> dict[str, Counter]:
+    """For each factor with more than one level: how many trials use each level."""
+    total = count_trials(config)
+    return {
+        name: Counter({str(level): total // len(levels) for level in levels})
+        for name, levels in config.factors.categorical_axes().items()
+        if len(levels) > 1
+    }

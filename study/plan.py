@@ -1,0 +1,84 @@
+"""The plan of a study: what `python -m study.run grid.yaml` will do, computed before any work.
+
+`build_plan` reads the config, the dataset index (label data only) and the weights directory;
+`format_plan` renders it for the terminal. The dry run prints exactly this and exits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from search_spaces.grid import count_trials, trials_per_level
+from study.config import StudyConfig, config_hash
+from study.data.prepare import DatasetPlan, plan_dataset
+from study.weights import weights_table
+
+
+@dataclass
+class StudyPlan:
+    config: StudyConfig
+    config_hash: str
+    trials: int
+    per_level: dict
+    data: DatasetPlan
+    weights: list[dict]
+
+    @property
+    def encode_images(self) -> int:
+        """Images each backbone encodes: every training view plus the val and test slices."""
+        return sum(self.data.images.values())
+
+    @property
+    def zero_shot_evaluations(self) -> int:
+        if not self.config.baseline.zero_shot:
+            return 0
+        return len(self.config.factors.backbone) * len(self.config.factors.eval_prompts())
+
+    @property
+    def missing_weights(self) -> list[dict]:
+        return [row for row in self.weights if not row["present"]]
+
+
+def build_plan(config: StudyConfig) -> StudyPlan:
+    backbones = set(config.factors.backbone)
+    weights = [row for row in weights_table(config.weights.dir, config.weights.files) if row["name"] in backbones]
+    return StudyPlan(
+        config=config,
+        config_hash=config_hash(config),
+        trials=count_trials(config),
+        per_level=trials_per_level(config),
+        data=plan_dataset(config),
+        weights=weights,
+    )
+
+
+def format_plan(plan: StudyPlan) -> str:
+    cfg = plan.config
+    factors = cfg.factors
+    lines = [
+        f"Study {cfg.study.name!r} -> {cfg.study_dir} (config hash {plan.config_hash})",
+        f"Trials: {plan.trials} ({cfg.search.algorithm} search, {cfg.search.num_samples} per grid cell, "
+        f"scheduler {cfg.scheduler.kind}, metric {cfg.search.metric} {cfg.search.mode})",
+    ]
+    for name, counts in plan.per_level.items():
+        lines.append(f"  {name:<14} " + ", ".join(f"{level}: {n}" for level, n in counts.items()))
+    fixed = {n: v[0] for n, v in factors.categorical_axes().items() if len(v) == 1}
+    lines.append("  fixed: " + ", ".join(f"{n}={v}" for n, v in fixed.items()))
+    for name, rng in factors.ranges().items():
+        lines.append(f"  searched: {name} ~ {rng.kind}[{rng.low:g}, {rng.high:g}]")
+    lines.append(plan.data.describe())
+    lines += [
+        f"Encode: {len(factors.backbone)} backbone(s) x {plan.encode_images} images = "
+        f"{len(factors.backbone) * plan.encode_images} encoder passes, done once and cached",
+        f"Zero-shot evaluations: {plan.zero_shot_evaluations} "
+        f"({len(factors.backbone)} backbone(s) x eval prompts {', '.join(factors.eval_prompts())})"
+        if cfg.baseline.zero_shot else "Zero-shot evaluations: off",
+        f"Weights ({cfg.weights.dir}):",
+    ]
+    for row in plan.weights:
+        state = "found" if row["present"] else "MISSING"
+        lines.append(f"  {row['name']:<11} {state:<8} {row['file']}" + ("" if row["present"] else f"  <- {row['source']}"))
+    lines.append(f"Resources: {cfg.resources.cpus_per_trial:g} CPU and {cfg.resources.gpus_per_trial:g} GPU per trial, "
+                 f"ray {'local instance' if cfg.ray.address is None else cfg.ray.address}, "
+                 f"tracking {cfg.tracking.uri or 'SQLite in the study folder'}")
+    return "\n".join(lines)

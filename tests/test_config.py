@@ -1,0 +1,96 @@
+"""The grid.yaml schema: the example is accepted as written, defaults resolve, mistakes are named."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search_spaces.grid import count_trials, grid_cells, trials_per_level
+from study.config import config_hash, load_config, write_resolved
+from study.errors import UserError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "grid.example.yaml"
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_example_grid_is_accepted_with_every_key_as_written():
+    config = load_config(EXAMPLE)
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    assert config.data.slicing.min_area == raw["data"]["slicing"]["min_area"] == 250
+    assert config.factors.backbone == tuple(raw["factors"]["backbone"])
+    assert config.factors.grad_accum == (4,)
+    assert config.resources.gpus_per_trial == 0.25
+    assert config.study_dir == Path("runs/brats-decoder-ablation")
+    assert count_trials(config) == 5 * 3 * 3 * 4 == 180
+    assert trials_per_level(config)["backbone"]["sam2_l"] == 36
+    assert len(grid_cells(config)) == 180
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_shipped_presets_load(path):
+    assert count_trials(load_config(path)) >= 1
+
+
+def test_defaults_resolve_and_round_trip_with_a_stable_hash(tmp_path):
+    config = load_config(write(tmp_path, "study: {name: s1}\n"))
+    assert config.data.reader == "phantom" and config.factors.backbone == ("litemedsam",)
+    assert config.experiment_name == "s1" and config.cache_dir == Path("runs/cache")
+    resolved = write_resolved(config, tmp_path / "study")
+    again = load_config(resolved)
+    assert config_hash(again) == config_hash(config)
+    # key order and formatting do not change the hash; a value does
+    assert config_hash(load_config(write(tmp_path, "study:\n  seed: 0\n  name: s1\n"))) == config_hash(config)
+    assert config_hash(load_config(write(tmp_path, "study: {name: s1, seed: 1}\n"))) != config_hash(config)
+
+
+def test_config_is_frozen(tmp_path):
+    config = load_config(write(tmp_path, ""))
+    with pytest.raises(Exception):
+        config.study.seed = 3
+
+
+def test_ranges_need_a_searcher_and_are_kept(tmp_path):
+    text = "factors:\n  lr: {loguniform: [1.0e-5, 1.0e-3]}\n"
+    with pytest.raises(UserError, match=r"line 2.*factors.lr is a range.*random or optuna"):
+        load_config(write(tmp_path, text))
+    config = load_config(write(tmp_path, text + "search: {algorithm: optuna, num_samples: 4}\n"))
+    assert (config.factors.lr.kind, config.factors.lr.low, config.factors.lr.high) == ("loguniform", 1e-5, 1e-3)
+    assert count_trials(config) == 4
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("data:\n  slicing: {min_aera: 3}\n", [r"line 2", r"unknown key 'data.slicing.min_aera'", r"Did you mean 'min_area'"]),
+    ("studdy: {name: x}\n", [r"line 1", r"unknown key 'studdy'", r"Did you mean 'study'"]),
+    ("factors:\n  backbone: [sam2_s, sam2_xl]\n", [r"line 2", r"factors.backbone.1 = 'sam2_xl'", r"Valid backbone names: .*sam2_l"]),
+    ("factors:\n  loss: dice_ce\n", [r"factors.loss.0 = 'dice_ce'", r"dice_bce"]),
+    ("factors:\n  prompt: [centre_point]\n", [r"'centre_point' is not a known prompt", r"center_point"]),
+    ("factors:\n  optimizer: rmsprop\n", [r"'rmsprop' is not a known optimizer", r"adamw"]),
+    ("data:\n  reader: nifti\n", [r"data.reader = 'nifti' is not a known reader", r"msd_brain"]),
+    ("factors:\n  lr: fast\n", [r"factors.lr", r"'fast'", r"valid number"]),
+    ("factors:\n  epochs: -1\n", [r"factors.epochs", r"at least 1"]),
+    ("data:\n  split: {val: 0.6, test: 0.5}\n", [r"data.split", r"leave subjects for training"]),
+    ("resources: {gpus_per_trial: -0.5}\n", [r"resources.gpus_per_trial = -0.5", r"greater than or equal to 0"]),
+    ("search: {algorithm: bayes}\n", [r"search.algorithm = 'bayes'", r"'grid', 'random' or 'optuna'"]),
+    ("weights:\n  files: {sam_xl: random}\n", [r"weights.files.sam_xl", r"not a known backbone"]),
+    ("factors:\n  epochs: 2\nscheduler: {kind: asha, grace_period: 3}\n", [r"grace_period = 3", r"epochs"]),
+    ("factors: [1, 2\n", [r"line 2", r"not valid YAML"]),
+    ("- a\n- b\n", [r"mapping of sections"]),
+])
+def test_bad_input_is_named(tmp_path, text, expected):
+    with pytest.raises(UserError) as info:
+        load_config(write(tmp_path, text))
+    message = str(info.value)
+    assert "grid.yaml" in message and "\n" not in message
+    for pattern in expected:
+        assert __import__("re").search(pattern, message), (pattern, message)
+
+
+def test_missing_study_file_is_named(tmp_path):
+    with pytest.raises(UserError, match="nope.yaml: no such study file"):
+        load_config(tmp_path / "nope.yaml")
