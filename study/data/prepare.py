@@ -1,0 +1,603 @@
+"""The prepared store: a dataset turned once into 2D training slices, reused by every study.
+
+`prepare_dataset(config)` reads the dataset with its reader, then per subject: normalises each
+modality over the whole volume (`study.data.intensity`), cuts slices along `data.slicing.axis`
+(`study.data.slicing`), keeps the slices with enough target (`min_area`, `keep_empty`), composes
+three channels (`study.data.channels`), and assigns the subject to one split
+(`study.data.splits`). Every kept slice is written as view 0; each training slice also gets
+`data.augment.views` augmented views 1..K (`study.data.augment`); `data.limit` caps the slices
+per split (a seeded choice). `plan_dataset(config)` computes the same plan from the label data
+alone, for the dry run, and writes nothing (except that the phantom reader generates its data).
+
+Layout of a store, `<cache_dir>/prepared/<KEY>/`:
+
+    index.json               {"format", "key", "settings", "plan", "records": [SliceRecord…]}
+    train/00012_BRATS_001_z077_v0.npz   image uint8 (H, W, 3), mask uint8 (H, W) in {0, 1}
+    val/…  test/…
+
+KEY is `<reader>-<16 hex digits>`: a SHA-256 over every preprocessing setting that changes the
+output (reader, root, target, channels, slicing, split, augment, limit, clip_percentiles, window,
+study.seed, the store format) and over the input files' (path, size, mtime_ns). File metadata
+rather than file content: datasets run to hundreds of GB, and hashing them on every run would
+cost minutes to hours, while any copy, re-export or edit of a file changes its size or mtime.
+A store is complete or absent: it is built in a temp sibling folder (`.KEY.tmp-PID-RANDOM`) and
+published with one `os.rename`; an exception removes the temp folder, a killed process leaves a
+stale temp folder that is never read (safe to delete). When two processes prepare the same KEY at
+once, the second rename fails because the folder exists, and that process uses the winner's store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from study.config import StudyConfig
+from study.data.channels import compose_image, resolve_channels
+from study.data.intensity import normalise_channels
+from study.data.slicing import reorient, reorient_mask, select_slices
+from study.data.splits import SPLITS, split_subjects
+from study.data.volume import SubjectEntry, Volume
+from study.errors import UserError
+
+#: Bumped whenever the store's layout or the preprocessing code changes what a store holds.
+STORE_FORMAT = 1
+INDEX_FILE = "index.json"
+
+
+# --- what a store holds ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    """One prepared 2D image: a slice (or 2D image) of one subject, in one view.
+
+    `image_id` names the source slice as results do (a 2D image's file name, or `SUBJ:z077`);
+    all views of a slice share it. `area` is the number of target pixels in this view's mask;
+    `spacing` the (row, col) pixel size in mm, None when unknown; `file` is relative to the store.
+    """
+
+    image_id: str
+    subject: str
+    slice_index: int
+    split: str
+    view: int
+    area: int
+    spacing: tuple[float, float] | None
+    height: int
+    width: int
+    file: str
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SliceRecord:
+        spacing = data.get("spacing")
+        return cls(**{**data, "spacing": None if spacing is None else tuple(float(s) for s in spacing)})
+
+
+@dataclass
+class DatasetPlan:
+    """What a prepare makes of a dataset: the dry run prints it, the store keeps it in index.json.
+
+    `subjects` counts per split the subjects that keep at least one slice, `subjects_assigned`
+    every subject assigned to the split; `slices` counts the kept slices (view 0) after
+    min_area, keep_empty and limit; `images` the images written (slices times views: 1 + views
+    in train, 1 in val and test) — the encode jobs per backbone.
+    """
+
+    reader: str
+    root: str
+    target: str
+    targets: tuple[str, ...]
+    strategy: str
+    modalities: tuple[str, ...]
+    axis: str
+    min_area: int
+    keep_empty: int
+    views: int
+    limit: int | None
+    key: str
+    store: str
+    prepared: bool
+    subjects_assigned: dict[str, int]
+    subjects: dict[str, int]
+    slices: dict[str, int]
+    images: dict[str, int]
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("prepared")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, prepared: bool) -> DatasetPlan:
+        tuples = {name: tuple(data[name]) for name in ("targets", "modalities", "warnings")}
+        return cls(**{**data, **tuples, "prepared": prepared})
+
+    def describe(self) -> str:
+        """A few lines for the dry run: the data settings, a table per split, the store."""
+        lines = [
+            f"data: {self.reader} at {self.root}",
+            f"  target {self.target}; channels {self.strategy} ({', '.join(self.modalities)}); "
+            f"{self.axis} slices with area >= {max(self.min_area, 1)} px plus up to {self.keep_empty} "
+            f"empty per subject; {self.views} augmented views per training slice"
+            + (f"; at most {self.limit} slices per split" if self.limit else ""),
+            f"  {'split':<6} {'subjects':>9} {'slices':>8} {'images':>8}",
+        ]
+        for split in SPLITS:
+            lines.append(f"  {split:<6} {self.subjects[split]:>9} {self.slices[split]:>8} {self.images[split]:>8}")
+        state = "prepared, will be reused" if self.prepared else "not prepared yet"
+        lines.append(f"  store {self.store} ({state})")
+        lines.extend(f"  warning: {warning}" for warning in self.warnings)
+        return "\n".join(lines)
+
+
+@dataclass
+class PreparedDataset:
+    """A prepared store on disk: its records and how to read one.
+
+    `reused` is True when the store was not written by the call that returned it: a second
+    `prepare_dataset` with unchanged inputs (which reads no data at all), `open_prepared`, or a
+    prepare that lost the race to a concurrent process writing the same key (its own copy is
+    discarded and the winner's is returned).
+    """
+
+    key: str
+    root: Path
+    records: list[SliceRecord]
+    settings: dict
+    plan: dict
+    reused: bool = False
+
+    def records_for(self, split: str, views: bool = False) -> list[SliceRecord]:
+        """The records of `split`; only the originals (view 0) unless `views` is True."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return [r for r in self.records if r.split == split and (views or r.view == 0)]
+
+    def load(self, record: SliceRecord) -> tuple[np.ndarray, np.ndarray]:
+        """(image uint8 (H, W, 3), mask bool (H, W)) of one record."""
+        path = self.root / record.file
+        try:
+            with np.load(path) as data:
+                return data["image"], data["mask"].astype(bool)
+        except (OSError, KeyError, ValueError, EOFError) as error:
+            raise UserError(
+                f"The prepared slice {path} is missing or unreadable ({error}). The store {self.root} "
+                f"was changed after it was written: delete that folder and run the study again to "
+                f"prepare it anew."
+            ) from None
+
+
+def open_prepared(path: str | Path) -> PreparedDataset:
+    """Read the store at `path` (a folder holding index.json)."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(
+            f"{path} is not a readable prepared store: cannot read {index} ({error}). Delete the "
+            f"folder and run the study again to prepare the data anew."
+        ) from None
+    if data.get("format") != STORE_FORMAT:
+        raise UserError(
+            f"The prepared store {path} has format {data.get('format')!r}; this version reads format "
+            f"{STORE_FORMAT}. Delete the folder and prepare the data again."
+        )
+    return PreparedDataset(
+        key=data["key"],
+        root=path,
+        records=[SliceRecord.from_dict(r) for r in data["records"]],
+        settings=data["settings"],
+        plan=data["plan"],
+        reused=True,
+    )
+
+
+# --- resolving a config into concrete settings ------------------------------------------------
+
+
+@dataclass
+class _Setup:
+    """A config resolved against its dataset: the reader, its subjects and every concrete setting."""
+
+    reader: Any
+    root: Path
+    entries: list[SubjectEntry]
+    targets: tuple[str, ...]
+    target: str
+    strategy: str
+    modalities: tuple[str, ...]
+    split_of: dict[str, str]
+    settings: dict
+    key: str
+    store: Path
+
+
+@dataclass(frozen=True)
+class _PlannedSlice:
+    subject: str
+    slice_index: int
+    image_id: str
+    split: str
+    area: int
+
+
+def build_reader(name: str):
+    """The reader registered as `name` in `study.data.readers.READERS`."""
+    from study.data.readers import READERS
+
+    if name not in READERS:
+        raise UserError(f"data.reader = {name!r} is not a known reader. Valid readers: {', '.join(READERS)}.")
+    return READERS[name]()
+
+
+def _data_root(config: StudyConfig, reader) -> Path:
+    root = config.data.root
+    if root is None:
+        if reader.name == "phantom":
+            root = config.cache_dir / "phantom"
+        else:
+            raise UserError(
+                f"data.root is not set. The {reader.name} reader needs the folder that holds the "
+                f"dataset: add `root: /path/to/data` under `data:` in grid.yaml."
+            )
+    root = Path(os.path.abspath(os.path.expanduser(root)))
+    if reader.name != "phantom" and not root.exists():
+        raise UserError(
+            f"The data root {root} (data.root) does not exist. Set data.root in grid.yaml to the "
+            f"folder that holds the {reader.name} dataset."
+        )
+    return root
+
+
+def _settings(config: StudyConfig, reader, root: Path, target: str, strategy: str, modalities) -> dict:
+    """Every setting that changes what the store holds, as plain JSON values."""
+    data = config.data
+    augment = data.augment.model_dump(mode="json")
+    if data.augment.views == 0:  # the other augmentation settings change nothing without views
+        augment = {"views": 0}
+    return {
+        "format": STORE_FORMAT,
+        "reader": reader.name,
+        "root": str(root),
+        "target": target,
+        "channels": {"strategy": strategy, "modalities": list(modalities)},
+        "slicing": data.slicing.model_dump(mode="json"),
+        "split": data.split.model_dump(mode="json"),
+        "augment": augment,
+        "limit": data.limit,
+        "clip_percentiles": list(data.clip_percentiles),
+        "window": list(data.window),
+        "seed": config.study.seed,
+    }
+
+
+def input_fingerprint(entries: list[SubjectEntry]) -> list[list]:
+    """[subject, split, path, size, mtime_ns] of every input file: what the key hashes instead of content."""
+    rows = []
+    for entry in sorted(entries, key=lambda e: e.subject):
+        for path in entry.files:
+            try:
+                stat = os.stat(path)
+            except OSError as error:
+                raise UserError(
+                    f"Cannot read the input file {path} of subject {entry.subject} ({error.strerror}). "
+                    f"Restore the file or remove the subject from the dataset."
+                ) from None
+            rows.append([entry.subject, entry.split, os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
+    return rows
+
+
+def store_key(reader_name: str, settings: dict, fingerprint: list[list]) -> str:
+    """`<reader>-<16 hex>`: SHA-256 of the settings and the input files' (path, size, mtime_ns)."""
+    canonical = json.dumps({"settings": settings, "files": fingerprint}, sort_keys=True, separators=(",", ":"))
+    return f"{reader_name}-{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
+
+
+def _resolve(config: StudyConfig) -> _Setup:
+    reader = build_reader(config.data.reader)
+    root = _data_root(config, reader)
+    entries = sorted(reader.index(root), key=lambda e: e.subject)
+    if not entries:
+        raise UserError(f"The {reader.name} reader found no subjects under {root}. Check data.root.")
+    repeated = [subject for subject, n in Counter(e.subject for e in entries).items() if n > 1]
+    if repeated:  # a reader bug, not a user mistake: subjects name volumes uniquely
+        raise ValueError(f"the {reader.name} reader listed subject {repeated[0]!r} more than once")
+    targets = tuple(reader.targets(entries))
+    if not targets:
+        raise UserError(
+            f"Empty label set: the {reader.name} dataset at {root} defines no targets (no label "
+            f"categories or values). Check that its label files or annotations are present."
+        )
+    target = config.data.target or reader.default_target
+    if target not in targets:
+        raise UserError(
+            f"data.target = {target!r} is not a target of the {reader.name} dataset at {root}. "
+            f"Valid targets: {', '.join(targets)}."
+        )
+    strategy, modalities = resolve_channels(
+        config.data.channels.strategy, config.data.channels.modalities, reader.modalities,
+        reader.default_strategy, reader.default_modalities, reader.name,
+    )
+    split = config.data.split
+    split_of = split_subjects(entries, split.val, split.test, config.study.seed)
+    settings = _settings(config, reader, root, target, strategy, modalities)
+    key = store_key(reader.name, settings, input_fingerprint(entries))
+    store = config.cache_dir / "prepared" / key
+    return _Setup(reader, root, entries, targets, target, strategy, modalities, split_of, settings, key, store)
+
+
+# --- planning: which slices of which subject go where ------------------------------------------
+
+
+def _rng(seed: int, *parts: str) -> np.random.Generator:
+    """A generator seeded from the study seed and names (stable across runs and machines)."""
+    digest = hashlib.sha256("|".join([str(seed), *parts]).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _read(action: Callable[[], Any], entry: SubjectEntry, what: str):
+    """Run a reader call; a UserError passes through, any other failure names the subject's files."""
+    try:
+        return action()
+    except (UserError, MemoryError):
+        raise
+    except Exception as error:
+        files = ", ".join(str(f) for f in entry.files)
+        raise UserError(
+            f"Reading the {what} of subject {entry.subject} failed ({type(error).__name__}: {error}). "
+            f"One of its files may be truncated or corrupt: {files}. Replace or remove it; nothing "
+            f"was written to the prepared store."
+        ) from error
+
+
+def _empty_split(subjects: dict[str, int]) -> dict[str, int]:
+    return {split: subjects.get(split, 0) for split in SPLITS}
+
+
+def _plan(setup: _Setup, config: StudyConfig, progress: bool) -> tuple[DatasetPlan, list[_PlannedSlice]]:
+    """Read every subject's target mask, select slices, apply limit; the plan and its slices."""
+    data, seed, reader = config.data, config.study.seed, setup.reader
+    axis = data.slicing.axis
+    volumetric_default = None
+    planned: list[_PlannedSlice] = []
+    total_area, largest_slice = 0, 0
+    for entry in tqdm(setup.entries, desc=f"scan {reader.name} labels", unit="subject", disable=not progress):
+        mask, ids = _read(lambda: reader.load_mask(entry, setup.target), entry, "labels")
+        volumetric = True
+        if axis != "axial":
+            volumetric = entry.extra.get("volumetric", getattr(reader, "volumetric", None))
+            if volumetric is None:
+                if volumetric_default is None:
+                    first = _read(lambda: reader.load(entry, setup.target), entry, "images")
+                    volumetric_default = first.volumetric
+                volumetric = volumetric_default
+        mask, ids = reorient_mask(np.asarray(mask, dtype=bool), ids, entry.subject, axis, volumetric)
+        areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+        total_area += int(areas.sum())
+        largest_slice = max(largest_slice, int(areas.max(initial=0)))
+        rng = _rng(seed, "keep_empty", entry.subject)
+        for index in select_slices(areas, data.slicing.min_area, data.slicing.keep_empty, rng):
+            planned.append(_PlannedSlice(entry.subject, index, ids[index], setup.split_of[entry.subject],
+                                         int(areas[index])))
+    if total_area == 0:
+        raise _absent_target(setup)
+    if not planned:
+        raise UserError(
+            f"No slices left after filtering: no {axis} slice of the {reader.name} dataset has a "
+            f"{setup.target} area of at least data.slicing.min_area = {data.slicing.min_area} pixels "
+            f"(the largest has {largest_slice}). Lower data.slicing.min_area (e.g. to "
+            f"{max(largest_slice // 2, 1)}) or set data.slicing.keep_empty to keep empty slices."
+        )
+    if data.limit is not None:
+        planned = _apply_limit(planned, data.limit, seed)
+
+    slices = Counter(p.split for p in planned)
+    views_per_split = {"train": 1 + data.augment.views, "val": 1, "test": 1}
+    warnings = []
+    fractions = {"train": 1.0, "val": data.split.val, "test": data.split.test}
+    assigned = Counter(setup.split_of.values())
+    for split in SPLITS:
+        if slices[split] == 0 and (fractions[split] > 0 or assigned[split] > 0):
+            warnings.append(
+                f"the {split} split has no slices ({assigned[split]} subjects assigned, none with a "
+                f"{setup.target} slice of at least {max(data.slicing.min_area, 1)} px)"
+            )
+    plan = DatasetPlan(
+        reader=reader.name,
+        root=str(setup.root),
+        target=setup.target,
+        targets=setup.targets,
+        strategy=setup.strategy,
+        modalities=setup.modalities,
+        axis=axis,
+        min_area=data.slicing.min_area,
+        keep_empty=data.slicing.keep_empty,
+        views=data.augment.views,
+        limit=data.limit,
+        key=setup.key,
+        store=str(setup.store),
+        prepared=(setup.store / INDEX_FILE).is_file(),
+        subjects_assigned=_empty_split(assigned),
+        subjects=_empty_split(Counter(split for split, _ in {(p.split, p.subject) for p in planned})),
+        slices=_empty_split(slices),
+        images={split: slices[split] * views_per_split[split] for split in SPLITS},
+        warnings=tuple(warnings),
+    )
+    return plan, planned
+
+
+def _apply_limit(planned: list[_PlannedSlice], limit: int, seed: int) -> list[_PlannedSlice]:
+    """At most `limit` slices per split, a seeded choice; the survivors keep their order."""
+    by_split: dict[str, list[int]] = defaultdict(list)
+    for position, item in enumerate(planned):
+        by_split[item.split].append(position)
+    keep: set[int] = set()
+    for split, positions in by_split.items():
+        if len(positions) <= limit:
+            keep.update(positions)
+        else:
+            keep.update(int(p) for p in _rng(seed, "limit", split).choice(positions, size=limit, replace=False))
+    return [item for position, item in enumerate(planned) if position in keep]
+
+
+def _absent_target(setup: _Setup) -> UserError:
+    """The error for a target no subject has: which targets do have pixels (read on this path only)."""
+    reader = setup.reader
+    present = []
+    for target in setup.targets:
+        if target == setup.target:
+            continue
+        for entry in setup.entries:
+            mask, _ = _read(lambda: reader.load_mask(entry, target), entry, "labels")
+            if np.any(mask):
+                present.append(target)
+                break
+    if not present:
+        return UserError(
+            f"Empty label set: no label of the {reader.name} dataset at {setup.root} marks any pixel "
+            f"(target {setup.target!r} and every other target are empty in all {len(setup.entries)} "
+            f"subjects). Check that the label files are the annotated ones."
+        )
+    return UserError(
+        f"The target {setup.target!r} is absent from the {reader.name} dataset at {setup.root}: no "
+        f"slice of any of its {len(setup.entries)} subjects has a {setup.target} pixel. Targets "
+        f"present: {', '.join(present)}. Set data.target to one of them."
+    )
+
+
+def plan_dataset(config: StudyConfig, progress: bool = True) -> DatasetPlan:
+    """The dry run's view of the data: subjects, slices and images per split, channels, store key.
+
+    Reads the dataset index and the label data (through the reader's `load_mask`), never the
+    images, and writes nothing (the phantom reader may generate its data). When the store for
+    these settings already exists, its recorded plan is returned without reading labels.
+    """
+    setup = _resolve(config)
+    if (setup.store / INDEX_FILE).is_file():
+        stored = open_prepared(setup.store).plan
+        return DatasetPlan.from_dict({**stored, "store": str(setup.store)}, prepared=True)
+    plan, _ = _plan(setup, config, progress)
+    return plan
+
+
+# --- writing the store --------------------------------------------------------------------------
+
+
+def prepare_dataset(config: StudyConfig, progress: bool = True) -> PreparedDataset:
+    """The prepared store for `config`: reused when it exists, else written (atomically) and opened."""
+    setup = _resolve(config)
+    if (setup.store / INDEX_FILE).is_file():
+        return open_prepared(setup.store)
+    if setup.store.exists():
+        raise UserError(
+            f"{setup.store} exists but holds no {INDEX_FILE}; it is not a store this harness wrote. "
+            f"Delete the folder and run again."
+        )
+    plan, planned = _plan(setup, config, progress)
+    setup.store.parent.mkdir(parents=True, exist_ok=True)
+    temp = setup.store.parent / f".{setup.key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        temp.mkdir()
+        records = _write_slices(setup, config, planned, temp, progress)
+        index = {"format": STORE_FORMAT, "key": setup.key, "settings": setup.settings,
+                 "plan": plan.to_dict(), "records": [asdict(r) for r in records]}
+        (temp / INDEX_FILE).write_text(json.dumps(index, indent=1))
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    won = publish_store(temp, setup.store)
+    return replace(open_prepared(setup.store), reused=False) if won else open_prepared(setup.store)
+
+
+def publish_store(temp: Path, final: Path) -> bool:
+    """Rename the finished `temp` folder to `final`; False (temp removed) if another process won."""
+    try:
+        os.rename(temp, final)
+        return True
+    except OSError:
+        shutil.rmtree(temp, ignore_errors=True)
+        if (final / INDEX_FILE).is_file():
+            return False
+        raise
+
+
+def _file_name(split: str, number: int, image_id: str, view: int) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("_")[:80]
+    return f"{split}/{number:05d}_{safe}_v{view}.npz"
+
+
+def _check_volume(volume: Volume, entry: SubjectEntry, modalities: tuple[str, ...]) -> None:
+    missing = [m for m in modalities if m not in volume.channels]
+    if missing:
+        raise UserError(
+            f"Subject {entry.subject} ({', '.join(map(str, entry.files))}) has no {', '.join(missing)} "
+            f"image; it has {', '.join(volume.channels)}. Choose data.channels.modalities it has."
+        )
+    for name in modalities:
+        if volume.channels[name].shape != volume.mask.shape:
+            raise UserError(
+                f"Subject {entry.subject}: the {name} image has shape {volume.channels[name].shape} but "
+                f"the target mask {volume.mask.shape} ({', '.join(map(str, entry.files))}). Image and "
+                f"label must cover the same voxels; replace the mismatched file."
+            )
+
+
+def _write_slices(setup: _Setup, config: StudyConfig, planned: list[_PlannedSlice], folder: Path,
+                  progress: bool) -> list[SliceRecord]:
+    """Load each subject once, write its planned slices (and training views) into `folder`."""
+    data, seed = config.data, config.study.seed
+    augment = data.augment
+    if augment.views:
+        # MONAI and torch take seconds to import; only a prepare with augmented views needs them.
+        from study.data.augment import augment_view, view_seed
+    by_subject: dict[str, list[_PlannedSlice]] = defaultdict(list)
+    for item in planned:
+        by_subject[item.subject].append(item)
+    for split in SPLITS:
+        (folder / split).mkdir()
+    records: list[SliceRecord] = []
+    number = 0
+    entries = [e for e in setup.entries if e.subject in by_subject]
+    for entry in tqdm(entries, desc=f"prepare {setup.reader.name}", unit="subject", disable=not progress):
+        volume = _read(lambda: setup.reader.load(entry, setup.target), entry, "images")
+        _check_volume(volume, entry, setup.modalities)
+        volume = reorient(volume, data.slicing.axis)
+        planes = normalise_channels(volume.channels, volume.kind, setup.modalities,
+                                    data.clip_percentiles, data.window)
+        spacing = None if volume.spacing is None else (float(volume.spacing[1]), float(volume.spacing[2]))
+        for item in by_subject[entry.subject]:
+            index = item.slice_index
+            image = compose_image(setup.strategy, [planes[m][index] for m in setup.modalities])
+            mask = np.asarray(volume.mask[index], dtype=bool)
+            image_id = volume.slice_ids[index]
+            views = [(image, mask)]
+            if item.split == "train":
+                for view in range(1, augment.views + 1):
+                    views.append(augment_view(
+                        image, mask, view_seed(seed, entry.subject, index, view), augment.rotate_deg,
+                        augment.elastic, augment.flip, augment.intensity,
+                    ))
+            for view, (view_image, view_mask) in enumerate(views):
+                file = _file_name(item.split, number, image_id, view)
+                np.savez_compressed(folder / file, image=view_image, mask=view_mask.astype(np.uint8))
+                records.append(SliceRecord(
+                    image_id=image_id, subject=entry.subject, slice_index=index, split=item.split,
+                    view=view, area=int(view_mask.sum()), spacing=spacing,
+                    height=int(mask.shape[0]), width=int(mask.shape[1]), file=file,
+                ))
+            number += 1
+    return records
