@@ -1,0 +1,277 @@
+"""The `Backbone` object: one built model plus its input contract.
+
+This is what the embedding cache and the decoder fine-tune call. The image geometry lives here,
+shared by every family and chosen by the spec's ``resize``:
+
+- ``longest_side`` (segment-anything, micro-sam, LiteMedSAM): the image is resized so its longest
+  side is S = ``input_size`` keeping the aspect ratio (new side = ``int(side * S / max(H, W) +
+  0.5)``, segment-anything's ``ResizeLongestSide.get_preprocess_shape``), normalised, then padded
+  with zeros at the bottom and right to S×S. Coordinates scale by ``new_w / W`` and ``new_h / H``.
+  Mask logits are upsampled to S×S, the padding is cut off, and the rest is resized to H×W.
+- ``square`` (SAM 2, MedSAM): the image is stretched to S×S; coordinates scale by ``S / W`` and
+  ``S / H``; mask logits are resized straight to H×W.
+
+Resizing is bilinear with antialiasing on float values. SAM 2's own transform does exactly this;
+segment-anything resizes with PIL (bilinear), LiteMedSAM with OpenCV (area) and MedSAM with skimage
+(bicubic), on uint8, so values can differ by a few grey levels at sharp edges (a test bounds the
+difference to segment-anything's pipeline below one grey level on a smooth image). Subclasses
+supply ``encode`` and ``decode`` and say where the image encoder, prompt encoder and mask decoder
+sit in the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from study.errors import UserError
+from trainables.backbones.spec import BackboneSpec, ParamCounts
+
+
+def longest_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(new_h, new_w) with the longest side equal to ``size``, as segment-anything rounds it."""
+    scale = size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def count_parameters(model: nn.Module, backbone_class: type[Backbone]) -> ParamCounts:
+    """Parameters of ``model`` by part, the parts named by ``backbone_class``."""
+
+    def count(module: nn.Module) -> int:
+        return sum(parameter.numel() for parameter in module.parameters())
+
+    image_encoder = count(getattr(model, backbone_class.IMAGE_ENCODER))
+    prompt_encoder = count(getattr(model, backbone_class.PROMPT_ENCODER))
+    mask_decoder = count(getattr(model, backbone_class.MASK_DECODER))
+    return ParamCounts(
+        image_encoder=image_encoder,
+        prompt_encoder=prompt_encoder,
+        mask_decoder=mask_decoder,
+        other=count(model) - image_encoder - prompt_encoder - mask_decoder,
+    )
+
+
+def _with_prefix_removed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+
+
+class Backbone:
+    """A frozen image encoder with a trainable prompt encoder and mask decoder.
+
+    Attributes: ``spec`` (its `BackboneSpec`), ``model`` (the whole ``nn.Module``), ``input_size``
+    (S, the square encoder input side), ``weights_id`` (sha256 of the checkpoint file, or
+    ``"random"``), ``checkpoint_path`` (None for random weights), ``device``.
+
+    At build time the image encoder (and everything outside the two trainable parts) has
+    ``requires_grad=False``; the mask decoder's trainable parameters are on, the prompt encoder's
+    off, until `trainable_parameters` says otherwise.
+    """
+
+    IMAGE_ENCODER: ClassVar[str] = "image_encoder"
+    PROMPT_ENCODER: ClassVar[str] = "prompt_encoder"
+    MASK_DECODER: ClassVar[str] = "mask_decoder"
+    # Mask-decoder parameters that are used at encode time and therefore stay frozen.
+    FROZEN_DECODER_PREFIXES: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        model: nn.Module,
+        *,
+        input_size: int,
+        weights_id: str,
+        checkpoint_path: Path | None,
+        device: torch.device | str,
+    ) -> None:
+        self.spec = spec
+        self.model = model
+        self.input_size = int(input_size)
+        self.weights_id = weights_id
+        self.checkpoint_path = checkpoint_path
+        self.device = torch.device(device)
+        self.trainable_parameters(train_prompt_encoder=False)
+
+    # ----------------------------------------------------------------------------- parts
+    @property
+    def image_encoder(self) -> nn.Module:
+        return getattr(self.model, self.IMAGE_ENCODER)
+
+    @property
+    def prompt_encoder(self) -> nn.Module:
+        return getattr(self.model, self.PROMPT_ENCODER)
+
+    @property
+    def mask_decoder(self) -> nn.Module:
+        return getattr(self.model, self.MASK_DECODER)
+
+    @property
+    def embedding_hw(self) -> tuple[int, int]:
+        """(h, w) of the image embedding grid: input_size / 16 (LiteMedSAM: / 4)."""
+        height, width = self.prompt_encoder.image_embedding_size
+        return int(height), int(width)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.spec.name!r}, input_size={self.input_size}, "
+            f"weights_id={self.weights_id[:12]!r}, device={str(self.device)!r})"
+        )
+
+    # ----------------------------------------------------------------------------- images
+    def preprocess(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 RGB images (N, H, W, 3), all one size, -> encoder input (N, 3, S, S) float32.
+
+        Resize as the spec says (see the module docstring), then the spec's normalisation:
+        mean/std per channel, or min-max to [0, 1] per image over the resized image before padding
+        (the MedSAM/LiteMedSAM recipe: ``(x - x.min()) / clip(x.max() - x.min(), 1e-8)``).
+        """
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(
+                f"preprocess expects uint8 images shaped (N, H, W, 3), got {images.dtype} {images.shape}"
+            )
+        size = self.input_size
+        pixels = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        pixels = pixels.permute(0, 3, 1, 2).to(torch.float32)
+        height, width = pixels.shape[-2:]
+        new_h, new_w = (size, size) if self.spec.resize == "square" else longest_side_shape(height, width, size)
+        if (new_h, new_w) != (height, width):
+            pixels = F.interpolate(pixels, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+
+        normalisation = self.spec.normalisation
+        if normalisation.kind == "min_max":
+            low = pixels.amin(dim=(1, 2, 3), keepdim=True)
+            high = pixels.amax(dim=(1, 2, 3), keepdim=True)
+            pixels = (pixels - low) / (high - low).clamp_min(1e-8)
+        else:
+            mean = torch.tensor(normalisation.mean, device=self.device).view(1, 3, 1, 1)
+            std = torch.tensor(normalisation.std, device=self.device).view(1, 3, 1, 1)
+            pixels = (pixels / normalisation.value_scale - mean) / std
+
+        if (new_h, new_w) != (size, size):
+            pixels = F.pad(pixels, (0, size - new_w, 0, size - new_h))
+        return pixels.contiguous()
+
+    def to_input_frame(self, coords_xy: np.ndarray, original_hw: tuple[int, int]) -> np.ndarray:
+        """Map (x, y) coordinates in original-image pixels to the encoder's input frame.
+
+        ``coords_xy`` is (..., 2); a box (x0, y0, x1, y1) is two points, so (..., 4) is accepted
+        too. Returns float32 of the same shape.
+        """
+        coords = np.array(coords_xy, dtype=np.float64, copy=True)
+        if coords.shape[-1] not in (2, 4):
+            raise ValueError(f"coordinates must end in 2 (x, y) or 4 (box), got shape {coords.shape}")
+        height, width = original_hw
+        if self.spec.resize == "square":
+            scale_x, scale_y = self.input_size / width, self.input_size / height
+        else:
+            new_h, new_w = longest_side_shape(height, width, self.input_size)
+            scale_x, scale_y = new_w / width, new_h / height
+        coords[..., 0::2] *= scale_x
+        coords[..., 1::2] *= scale_y
+        return coords.astype(np.float32)
+
+    def postprocess(self, logits: torch.Tensor, original_hw: tuple[int, int]) -> torch.Tensor:
+        """Mask logits (N, K, lh, lw) -> logits at the original size (N, K, H, W), differentiably."""
+        height, width = int(original_hw[0]), int(original_hw[1])
+        if self.spec.resize == "square":
+            return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        size = self.input_size
+        if tuple(logits.shape[-2:]) != (size, size):
+            logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+        new_h, new_w = longest_side_shape(height, width, size)
+        logits = logits[..., :new_h, :new_w]
+        return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+
+    # ----------------------------------------------------------------------------- model
+    def encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(
+        self,
+        features: dict[str, torch.Tensor],
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        multimask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- training
+    def _trainable_decoder_items(self):
+        for name, parameter in self.mask_decoder.named_parameters():
+            if not name.startswith(self.FROZEN_DECODER_PREFIXES):
+                yield name, parameter
+
+    def trainable_parameters(self, train_prompt_encoder: bool) -> list[nn.Parameter]:
+        """The parameters a fine-tune updates: the mask decoder, optionally the prompt encoder.
+
+        Also sets ``requires_grad`` so that exactly these parameters need gradients and the rest
+        of the model (the image encoder above all) stays frozen.
+        """
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        parameters = [parameter for _, parameter in self._trainable_decoder_items()]
+        if train_prompt_encoder:
+            parameters += list(self.prompt_encoder.parameters())
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        return parameters
+
+    def _decoder_state_keys(self) -> set[str]:
+        keys = {
+            f"mask_decoder.{name}"
+            for name in self.mask_decoder.state_dict()
+            if not name.startswith(self.FROZEN_DECODER_PREFIXES)
+        }
+        return keys | {f"prompt_encoder.{name}" for name in self.prompt_encoder.state_dict()}
+
+    def decoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the trainable parts' state: ``mask_decoder.*`` (less any frozen
+        projections) and ``prompt_encoder.*`` (always included: it is small, and this way a trial
+        checkpoint restores whether or not the prompt encoder was trained)."""
+        state = {}
+        for name, tensor in self.mask_decoder.state_dict().items():
+            if not name.startswith(self.FROZEN_DECODER_PREFIXES):
+                state[f"mask_decoder.{name}"] = tensor.detach().to("cpu", copy=True)
+        for name, tensor in self.prompt_encoder.state_dict().items():
+            state[f"prompt_encoder.{name}"] = tensor.detach().to("cpu", copy=True)
+        return state
+
+    def load_decoder_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what `decoder_state_dict` returned; keys and shapes must match exactly."""
+        expected = self._decoder_state_keys()
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        if missing or unexpected:
+            raise UserError(
+                f"Decoder state does not fit backbone '{self.spec.name}': missing "
+                f"{missing[:4]}, unexpected {unexpected[:4]}. Was it saved from another backbone?"
+            )
+        decoder = _with_prefix_removed(state, "mask_decoder.")
+        prompt = _with_prefix_removed(state, "prompt_encoder.")
+        try:
+            self.mask_decoder.load_state_dict(decoder, strict=not self.FROZEN_DECODER_PREFIXES)
+            self.prompt_encoder.load_state_dict(prompt, strict=True)
+        except RuntimeError as error:
+            raise UserError(
+                f"Decoder state does not fit backbone '{self.spec.name}' "
+                f"(input size {self.input_size}): {str(error).splitlines()[0]}"
+            ) from None
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters of this built model by part (image_encoder, prompt_encoder, mask_decoder,
+        other, total) plus ``trainable_mask_decoder`` (the mask decoder less frozen projections).
+        At the spec's input size these equal ``spec.params``."""
+        counts = count_parameters(self.model, type(self)).as_dict()
+        counts["trainable_mask_decoder"] = sum(parameter.numel() for _, parameter in self._trainable_decoder_items())
+        return counts
+
+    def _eval_image_encoder(self) -> None:
+        # The encoder is frozen: always run it in eval mode, even if a caller put the whole model
+        # in training mode (TinyViT has BatchNorm, whose statistics must not move).
+        self.image_encoder.eval()

