@@ -1,0 +1,124 @@
+"""The statistics primitives against hand computations and second implementations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from analysis.statistics import bootstrap_mean_ci, format_p, holm, paired_wilcoxon, rank_biserial
+from tests.analysis.conftest import reference_bootstrap
+
+
+def test_bootstrap_ci_equals_a_direct_numpy_percentile_bootstrap():
+    values = np.random.default_rng(7).uniform(0.3, 0.95, size=37)
+    ci = bootstrap_mean_ci(values, seed=11)
+    low, high = reference_bootstrap(values, seed=11)
+    assert ci.mean == pytest.approx(values.mean(), abs=1e-12)
+    assert (ci.low, ci.high) == pytest.approx((low, high), abs=1e-12)
+    assert ci.n == 37 and ci.n_missing == 0
+    assert ci.low < ci.mean < ci.high
+
+
+def test_bootstrap_ci_agrees_with_scipy_percentile_bootstrap():
+    """scipy resamples differently, so the bounds agree to Monte-Carlo error, not exactly."""
+    values = np.random.default_rng(3).normal(0.7, 0.1, size=60)
+    ci = bootstrap_mean_ci(values, seed=0)
+    reference = stats.bootstrap((values,), np.mean, n_resamples=2000, method="percentile",
+                                confidence_level=0.95, rng=np.random.default_rng(0)).confidence_interval
+    assert ci.low == pytest.approx(reference.low, abs=0.006)
+    assert ci.high == pytest.approx(reference.high, abs=0.006)
+
+
+def test_bootstrap_leaves_out_and_counts_undefined_values():
+    values = [4.0, np.nan, 6.0, np.inf, 8.0]
+    ci = bootstrap_mean_ci(values, seed=0)
+    assert (ci.n, ci.n_missing) == (3, 2)
+    assert ci.mean == pytest.approx(6.0)
+    assert (ci.low, ci.high) == pytest.approx(reference_bootstrap([4.0, 6.0, 8.0], seed=0))
+    single = bootstrap_mean_ci([0.5])
+    assert (single.mean, single.low, single.high) == (0.5, 0.5, 0.5)
+    empty = bootstrap_mean_ci([np.nan, np.nan])
+    assert empty.n == 0 and empty.n_missing == 2 and math.isnan(empty.mean)
+
+
+@pytest.mark.parametrize("p, expected", [
+    ([0.01, 0.04, 0.03], [0.03, 0.06, 0.06]),           # the worked example in holm's docstring
+    ([0.5, 0.01, np.nan, 0.02], [0.5, 0.03, np.nan, 0.04]),  # NaN is not a test: m = 3
+    ([0.6, 0.7], [1.0, 1.0]),                           # capped at 1
+    ([0.04], [0.04]),                                   # one test: unchanged
+    ([0.02, 0.02, 0.02, 0.02], [0.08, 0.08, 0.08, 0.08]),  # ties
+])
+def test_holm_against_hand_computation(p, expected):
+    np.testing.assert_allclose(holm(p), expected, rtol=0, atol=1e-12)
+
+
+def test_holm_equals_the_step_down_definition_on_random_p_values():
+    """Second implementation: adjusted p_(i) = max_{j<=i} min(1, (m - j + 1) p_(j))."""
+    p = np.random.default_rng(1).uniform(0, 0.2, size=9)
+    order = np.argsort(p)
+    m = len(p)
+    expected = np.empty(m)
+    for i in range(m):
+        expected[order[i]] = max(min(1.0, (m - j) * p[order[j]]) for j in range(i + 1))
+    np.testing.assert_allclose(holm(p), expected, atol=1e-12)
+
+
+def test_wilcoxon_p_value_and_effect_sizes_by_hand():
+    first = np.array([0.6, 0.7, 0.2, 0.9, 0.5])
+    second = np.array([0.5, 0.5, 0.5, 0.5, 0.5])
+    # differences 0.1, 0.2, -0.3, 0.4, 0: the zero is dropped, |d| ranks 1, 2, 3, 4
+    test = paired_wilcoxon(first, second)
+    assert (test.n, test.n_nonzero) == (5, 4)
+    assert test.statistic == 3.0                      # min(R+ = 1 + 2 + 4, R- = 3)
+    assert test.rank_biserial == pytest.approx((7 - 3) / 10)
+    assert test.median_difference == pytest.approx(0.1)
+    assert test.mean_difference == pytest.approx(0.08)
+    assert test.p == stats.wilcoxon(first, second).pvalue
+    assert test.p == pytest.approx(10 / 16)             # exact null: 10 of 16 sign patterns have min(R+, R-) <= 3
+
+
+def test_wilcoxon_matches_scipy_on_random_pairs_and_drops_undefined_pairs():
+    rng = np.random.default_rng(5)
+    a, b = rng.uniform(0.4, 0.9, 40), rng.uniform(0.4, 0.9, 40)
+    assert paired_wilcoxon(a, b).p == stats.wilcoxon(a, b).pvalue
+    a_missing = a.copy()
+    a_missing[[3, 17]] = np.nan
+    keep = np.isfinite(a_missing)
+    test = paired_wilcoxon(a_missing, b)
+    assert test.n == 38
+    assert test.p == stats.wilcoxon(a[keep], b[keep]).pvalue
+
+
+def test_rank_biserial_with_ties_equals_the_simple_difference_formula():
+    """Kerby's formula r = (R+ - R-) / S with S = n(n+1)/2 (average ranks keep the sum)."""
+    d = np.array([0.1, -0.1, 0.2, 0.2, -0.05, 0.3, 0.0])
+    nonzero = d[d != 0]
+    ranks = stats.rankdata(np.abs(nonzero))
+    n = nonzero.size
+    expected = (ranks[nonzero > 0].sum() - ranks[nonzero < 0].sum()) / (n * (n + 1) / 2)
+    assert rank_biserial(d) == pytest.approx(expected)
+    assert rank_biserial([0.2, 0.1]) == 1.0 and rank_biserial([-0.2, -0.1]) == -1.0
+
+
+def test_no_difference_is_not_tested():
+    test = paired_wilcoxon([0.5, 0.6], [0.5, 0.6])
+    assert test.n == 2 and test.n_nonzero == 0 and math.isnan(test.p)
+
+
+def test_format_p():
+    assert format_p(0.0031) == "0.003"
+    assert format_p(0.00002) == "2.0e-05"
+    assert format_p(float("nan")) == "n/a"
+
+
+def test_floating_point_noise_counts_as_no_difference():
+    a = np.array([0.1, 0.2, 0.3]) + np.array([0.2, 0.3, 0.4])   # the same sums, added in another order,
+    b = np.array([0.2, 0.3, 0.4]) + np.array([0.1, 0.2, 0.3])   # may differ in the last bit
+    c = (np.array([0.7, 0.1, 0.2]) + np.array([0.1, 0.2, 0.3])) / 2
+    d = (np.array([0.1, 0.2, 0.3]) + np.array([0.7, 0.1, 0.2])) / 2
+    for first, second in ((a, b), (c, d)):
+        test = paired_wilcoxon(first, second)
+        assert test.n_nonzero == 0 and math.isnan(test.p)
