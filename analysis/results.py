@@ -295,8 +295,9 @@ def load_from_mlflow(tracking_uri: str, experiment: str, config: dict | None = N
     history = (pd.concat(history_tables, ignore_index=True) if history_tables
                else pd.DataFrame(columns=["trial_id", "epoch", *HISTORY_METRICS]))
     history = history[["trial_id", "epoch"] + [c for c in history.columns if c not in ("trial_id", "epoch")]]
-    factors = [c for c in trials.columns if c not in (*TRIAL_COLUMNS[:3], *TRIAL_METRICS, "family",
-                                                      "image_encoder_params")]
+    # Parameter counts (image_encoder_params, mask_decoder_params, ...) describe a backbone; they are not factors.
+    factors = [c for c in trials.columns if c not in (*TRIAL_COLUMNS[:3], *TRIAL_METRICS, "family")
+               and not c.endswith("_params")]
     name = experiment
     if parents:
         name = parents[0].data.tags.get("mlflow.runName") or parents[0].info.run_name or experiment

@@ -467,9 +467,17 @@ def resolved_dict(config: StudyConfig) -> dict:
     return data
 
 
+RUNTIME_SECTIONS = ("ray", "resources", "report")  # where and how a study runs, not what it computes
+
+
 def config_hash(config: StudyConfig) -> str:
-    """A stable 16-hex-digit hash of the resolved config (key order and formatting do not matter)."""
-    canonical = json.dumps(resolved_dict(config), sort_keys=True, separators=(",", ":"))
+    """A stable 16-hex-digit hash of what the study computes (key order and formatting do not matter).
+
+    The runtime sections (cluster address, resources, report) are left out, so the same study
+    can be resumed on another cluster or with more GPUs and keep its identity.
+    """
+    study = {k: v for k, v in resolved_dict(config).items() if k not in RUNTIME_SECTIONS}
+    canonical = json.dumps(study, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

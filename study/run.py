@@ -22,25 +22,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from study.config import load_config, write_resolved
-    from study.data.prepare import prepare_dataset
+    from study.config import load_config
     from study.plan import build_plan, format_plan
 
     overrides = {"ray": {"address": args.address}} if args.address else None
     config = load_config(args.config, overrides)
     plan = build_plan(config)
-    print(format_plan(plan), flush=True)
+    plan_text = format_plan(plan)
+    print(plan_text, flush=True)
     if args.dry_run:
         if plan.missing_weights:
             print(f"Dry run: {len(plan.missing_weights)} checkpoint(s) missing; `python -m study.weights` "
                   f"says where to get them.")
         print("Dry run: nothing was trained.")
         return 0
-    write_resolved(config, config.study_dir)
-    dataset = prepare_dataset(config)
-    print(f"Prepared slices: {dataset.root} ({'reused' if dataset.reused else 'written'}).")
-    print("The training stages (encode, zero-shot, tune, report) arrive with the study runner; "
-          "this run stopped after preparing the data.")
+    from study.runner import format_summary, run_study
+
+    outcome = run_study(config, plan_text, fresh=args.fresh)
+    print(format_summary(outcome))
     return 0
 
 

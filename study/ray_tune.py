@@ -1,0 +1,289 @@
+"""The one module that talks to Ray: the cluster, the encode and zero-shot tasks, and Ray Tune.
+
+Ray's API moves between releases, so every Ray import of the project is here. The work itself
+(study/stages.py) is plain Python; this module only schedules it:
+
+- `ray_session(address)` joins a cluster (`--address`, `ray.address`, `RAY_ADDRESS`) or starts a
+  local instance, and always shuts down what it started.
+- `run_encode` fills the embedding cache with one task per (backbone, shard), one GPU each where
+  the cluster has GPUs, before any trial starts; trials only read the cache.
+- `run_zero_shot` evaluates every backbone x eval prompt as tasks.
+- `run_tune` runs the fine-tune trials: grid and random search through Ray's variant generator,
+  Optuna TPE within each grid cell through `CellwiseOptunaSearch`, FIFO or ASHA scheduling, actor
+  reuse so models and embeddings stay resident in a worker between trials, and a callback that
+  hands every result to the driver's MLflow tracker (the only process that writes to MLflow).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic live trial table
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
+from ray.tune.search import ConcurrencyLimiter, Searcher  # noqa: E402
+from ray.tune.search.basic_variant import BasicVariantGenerator  # noqa: E402
+
+from search_spaces.space import SearchPlan, trial_id  # noqa: E402
+from study import stages  # noqa: E402
+from study.errors import UserError  # noqa: E402
+
+TUNE_FOLDER = "tune"
+
+
+# --- the cluster ------------------------------------------------------------------------------
+
+
+@contextmanager
+def ray_session(address: str | None, num_cpus: int | None = None):
+    """Connect to `address` (a cluster) or start a local Ray instance; yield the cluster's resources."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    started = False
+    if not ray.is_initialized():
+        try:
+            if address:
+                ray.init(address=address, include_dashboard=False, log_to_driver=True)
+            else:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+            started = True
+        except ConnectionError as err:
+            raise UserError(f"Could not join the Ray cluster at {address!r} ({err}). Start it with "
+                            f"`ray start --head` on the head machine, or drop --address/ray.address "
+                            f"to run on a local instance.") from None
+    try:
+        yield ray.cluster_resources()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+# --- encode and zero-shot as tasks ----------------------------------------------------------------
+
+
+def _gpu_options() -> dict:
+    return {"num_gpus": 1, "num_cpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
+
+
+@ray.remote(max_retries=2)
+def _encode_task(backbone: str, weights: str, prepared_root: str, cache_root: str, image_ids: list) -> dict:
+    return stages.encode_shard(backbone, weights, prepared_root, cache_root, image_ids)
+
+
+@ray.remote(max_retries=2)
+def _zero_shot_task(backbone: str, prompt: str, context: stages.StudyContext) -> dict:
+    return stages.zero_shot(backbone, prompt, context, node=_node_id())
+
+
+def _wait_all(refs: list, on_done: Callable[[object, object], None]) -> None:
+    pending = {ref: i for i, ref in enumerate(refs)}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            on_done(pending.pop(ref), ray.get(ref))
+
+
+def run_encode(jobs: list[tuple[str, str, list]], prepared_root: str, cache_root: str,
+               progress: Callable[[int, dict], None]) -> None:
+    """One task per (backbone, shard of image ids); `progress(images_done, counts)` after each."""
+    options = _gpu_options()
+    refs = [_encode_task.options(**options).remote(b, w, prepared_root, cache_root, ids) for b, w, ids in jobs]
+    _wait_all(refs, lambda i, counts: progress(len(jobs[i][2]), counts))
+
+
+@ray.remote(max_retries=2)
+def _finalise_task(params: dict, context: stages.StudyContext) -> dict:
+    return stages.finetune(params, context, report=lambda metrics: None, node=_node_id())
+
+
+def run_finalise(params_list: list[dict], context: stages.StudyContext, on_result: Callable[[dict], None]) -> None:
+    """Evaluate on test the best epoch of trials the scheduler stopped early (no more training)."""
+    options = _gpu_options()
+    refs = [_finalise_task.options(**options).remote(params, context) for params in params_list]
+    _wait_all(refs, lambda i, record: on_result(record))
+
+
+def run_zero_shot(pairs: list[tuple[str, str]], context: stages.StudyContext,
+                  on_result: Callable[[dict], None]) -> None:
+    options = _gpu_options()
+    refs = [_zero_shot_task.options(**options).remote(b, p, context) for b, p in pairs]
+    _wait_all(refs, lambda i, record: on_result(record))
+
+
+# --- search: Optuna within each grid cell ------------------------------------------------------------
+
+
+class CellwiseOptunaSearch(Searcher):
+    """Optuna TPE over the continuous factors, run separately inside every grid cell.
+
+    Categorical factors stay a full grid (so comparisons between their levels remain paired and
+    balanced); each cell gets `num_samples` trials whose continuous values come from that cell's
+    own seeded TPE sampler. The state (every cell's Optuna study, the budget left, the trials
+    still running) is written to `state_path` after every change, so a study resumed after a
+    crash continues the same searches: trials that were running are proposed again with the
+    same values (and continue from their checkpoints), finished ones are not proposed again.
+    """
+
+    def __init__(self, plan: SearchPlan, state_path: Path):
+        super().__init__(metric=plan.metric, mode=plan.mode)
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.state_path = state_path
+        self.cells = plan.cells
+        self.replay: list[tuple[int, int, dict]] = []
+        self.live: dict[str, tuple[int, int, dict]] = {}
+        if state_path.exists():
+            self.restore(str(state_path))
+            self.replay = list(self.live.values())
+            self.live = {}
+            return
+        self.distributions = {
+            name: optuna.distributions.FloatDistribution(rng.low, rng.high, log=rng.kind == "loguniform")
+            for name, rng in plan.ranges.items()
+        }
+        direction = "maximize" if plan.mode == "max" else "minimize"
+        self.studies = [
+            optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=plan.seed + index))
+            for index in range(len(plan.cells))
+        ]
+        self.remaining = [plan.num_samples] * len(plan.cells)
+
+    def suggest(self, trial_key: str):
+        if self.replay:
+            cell, number, config = self.replay.pop(0)
+        else:
+            open_cells = [i for i, left in enumerate(self.remaining) if left > 0]
+            if not open_cells:
+                return Searcher.FINISHED
+            cell = max(open_cells, key=lambda i: (self.remaining[i], -i))
+            self.remaining[cell] -= 1
+            proposal = self.studies[cell].ask(self.distributions)
+            number, config = proposal.number, {**self.cells[cell], **proposal.params}
+        self.live[trial_key] = (cell, number, config)
+        self.save(str(self.state_path))
+        return config
+
+    def on_trial_complete(self, trial_key: str, result: dict | None = None, error: bool = False):
+        import optuna
+
+        if trial_key not in self.live:
+            return
+        cell, number, _ = self.live.pop(trial_key)
+        value = None if error or not result else result.get(self.metric)
+        if value is None:
+            self.studies[cell].tell(number, state=optuna.trial.TrialState.FAIL)
+        else:
+            self.studies[cell].tell(number, value)
+        self.save(str(self.state_path))
+
+    def save(self, checkpoint_path: str):
+        Path(checkpoint_path).parent.mkdir(parents=True, exist_ok=True)
+        temp = f"{checkpoint_path}.{os.getpid()}.tmp"
+        with open(temp, "wb") as handle:
+            pickle.dump((self.cells, self.distributions, self.studies, self.remaining,
+                         {**self.live, **{f"replay-{i}": r for i, r in enumerate(self.replay)}}), handle)
+        os.replace(temp, checkpoint_path)
+
+    def restore(self, checkpoint_path: str):
+        with open(checkpoint_path, "rb") as handle:
+            self.cells, self.distributions, self.studies, self.remaining, self.live = pickle.load(handle)
+
+
+def _param_space(plan: SearchPlan) -> dict:
+    space: dict = {}
+    for name in plan.cells[0]:
+        levels = sorted({cell[name] for cell in plan.cells}, key=[cell[name] for cell in plan.cells].index)
+        space[name] = tune.grid_search(levels) if len(levels) > 1 else levels[0]
+    for name, rng in plan.ranges.items():
+        space[name] = (tune.loguniform if rng.kind == "loguniform" else tune.uniform)(rng.low, rng.high)
+    if plan.algorithm == "grid" and plan.num_samples > 1:
+        space["replicate"] = tune.grid_search(list(range(plan.num_samples)))
+    return space
+
+
+def _searcher_and_space(plan: SearchPlan, state_path: Path, max_concurrent: int | None):
+    if plan.algorithm == "optuna":
+        searcher = CellwiseOptunaSearch(plan, state_path)
+        if max_concurrent:
+            searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+        return searcher, {}, plan.total_trials
+    samples = 1 if plan.algorithm == "grid" else plan.num_samples
+    return BasicVariantGenerator(max_concurrent=max_concurrent or 0, random_state=plan.seed), _param_space(plan), samples
+
+
+def _scheduler(plan: SearchPlan):
+    if plan.scheduler == "asha":
+        return ASHAScheduler(time_attr="epoch", max_t=plan.max_epochs, grace_period=plan.grace_period,
+                             reduction_factor=plan.reduction_factor)
+    return FIFOScheduler()
+
+
+# --- the trainable and the driver-side callback -------------------------------------------------------
+
+
+def _trainable(config: dict, context: stages.StudyContext):
+    stages.finetune(config, context, report=lambda metrics: tune.report(metrics), node=_node_id())
+
+
+class _TrialEvents(tune.Callback):
+    """Forwards Tune's trial events to the driver's handlers (MLflow, the result tables)."""
+
+    def __init__(self, on_start, on_epoch, on_end):
+        self.on_start, self.on_epoch, self.on_end = on_start, on_epoch, on_end
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.on_start(trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" in result:
+            self.on_epoch(trial.config, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.on_end(trial.config, None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.on_end(trial.config, str(getattr(trial, "error_message", None) or "the trial's worker failed"))
+
+
+def run_tune(plan: SearchPlan, context: stages.StudyContext, *, cpus: float, gpus: float,
+             max_concurrent: int | None, max_failures: int, on_start, on_epoch, on_end) -> None:
+    """Run the study's trials in the Tune experiment folder `<study>/tune`.
+
+    Every run builds a new Tuner over the same deterministic trials (seeded variant generator,
+    or the persisted Optuna state) instead of restoring Ray's own experiment snapshot: finished
+    trials return their stored results at once, unfinished ones continue from their checkpoints
+    in the study folder, so a study killed at any moment resumes without re-running or losing work.
+    """
+    storage = Path(context.study_dir).resolve()
+    searcher, space, samples = _searcher_and_space(plan, storage / "results" / "search_state.pkl", max_concurrent)
+    trainable = tune.with_resources(tune.with_parameters(_trainable, context=context), {"cpu": cpus, "gpu": gpus})
+    varying = [n for n in plan.cells[0] if len({c[n] for c in plan.cells}) > 1] + list(plan.ranges)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=plan.metric, mode=plan.mode, search_alg=searcher, scheduler=_scheduler(plan),
+            num_samples=samples, reuse_actors=True,
+            trial_name_creator=lambda trial: trial_id(trial.config),
+            trial_dirname_creator=lambda trial: trial_id(trial.config),
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_FOLDER, storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            callbacks=[_TrialEvents(on_start, on_epoch, on_end)], verbose=1,
+            progress_reporter=tune.CLIReporter(metric_columns=["epoch", "train_loss", "val_dice"],
+                                               parameter_columns=varying, max_report_frequency=10),
+        ),
+    )
+    tuner.fit()

@@ -1,0 +1,223 @@
+"""The study runner: prepare -> encode -> zero-shot -> tune -> results -> report, resumably.
+
+`run_study(config)` is what `python -m study.run grid.yaml` does after printing the plan. Each
+stage reuses what an earlier run finished (the prepared store, cached embeddings, trial folders
+with their result.json), so running the same command again resumes the study; `fresh=True`
+moves the old study folder aside first. The driver (this process) is the only writer to MLflow.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from search_spaces.space import search_plan, trial_id, zero_shot_id
+from study import stages
+from study.config import StudyConfig, config_hash, resolved_dict, write_resolved
+from study.data.prepare import prepare_dataset
+from study.errors import UserError
+from study.tracking import StudyTracker
+from trainables.backbones import BACKBONES, resolve_weights
+
+ENCODE_SHARD = 32  # images per encode task
+EPOCH_METRICS = ("train_loss", "val_loss", "val_dice", "val_iou", "seconds")
+FINAL_METRICS = ("val_dice", "test_dice", "test_iou", "test_miou", "test_hd95", "epochs_run", "best_epoch", "seconds")
+
+
+@dataclass
+class StudyOutcome:
+    study_dir: Path
+    counts: dict
+    report_dir: Path | None
+    mlflow_command: str
+
+
+def _claim_study_dir(config: StudyConfig, fresh: bool) -> Path:
+    """Create the study folder, or check it belongs to this config; `fresh` moves an old one aside."""
+    study_dir = config.study_dir
+    resolved = study_dir / "resolved.yaml"
+    if fresh and study_dir.exists():
+        aside = study_dir.with_name(f"{study_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        study_dir.rename(aside)
+        print(f"--fresh: the previous study folder was moved to {aside}")
+    elif resolved.exists():
+        first = resolved.read_text().splitlines()[0]
+        if config_hash(config) not in first:
+            raise UserError(f"{study_dir} holds a study run with a different config ({first.strip('# ')}; "
+                            f"now {config_hash(config)}). Resuming would mix two studies: give this one "
+                            f"another study.name, or pass --fresh to move the old folder aside and start over.")
+    write_resolved(config, study_dir)
+    return study_dir
+
+
+def _model_info() -> dict:
+    return {name: {"family": entry.spec.family, **entry.spec.params.as_dict()} for name, entry in BACKBONES.items()}
+
+
+def _trial_params(config: dict, info: dict) -> dict:
+    return {**config, "family": info.get("family"), **{f"{k}_params": v for k, v in info.items() if k != "family"}}
+
+
+def run_study(config: StudyConfig, plan_text: str, *, fresh: bool = False, address: str | None = None,
+              num_cpus: int | None = None) -> StudyOutcome:
+    from study import ray_tune  # Ray is imported only when a study really runs
+
+    study_dir = _claim_study_dir(config, fresh)
+    weights = {name: str(resolve_weights(name, config.weights.dir, config.weights.files))
+               for name in config.factors.backbone}
+    dataset = prepare_dataset(config)
+    print(f"Prepared slices: {dataset.root} ({'reused' if dataset.reused else 'written'})", flush=True)
+    context = stages.StudyContext(
+        study_dir=str(study_dir.resolve()), prepared_root=str(Path(dataset.root).resolve()),
+        cache_root=str(config.cache_dir.resolve()), weights=weights, seed=config.study.seed,
+        eval_prompt=config.factors.eval_prompt,
+        prompt_settings={k: v for k, v in config.prompts.model_dump().items() if k != "file"},
+        prompts_file=str(config.prompts.file) if config.prompts.file else None,
+        select_metric=config.search.metric, select_mode=config.search.mode,
+    )
+    info = _model_info()
+    plan = search_plan(config)
+    tracker = StudyTracker(config.tracking.uri, config.experiment_name, study_dir)
+    with tracker:
+        tracker.start_parent(config.study.name, config_hash(config), study_dir / "resolved.yaml", plan_text,
+                             resolved_dict(config), fresh=fresh)
+        with ray_tune.ray_session(address or config.ray.address, num_cpus=num_cpus) as resources:
+            _encode(ray_tune, config, dataset, weights, context, int(resources.get("GPU") or resources.get("CPU", 1)))
+            if config.baseline.zero_shot:
+                _zero_shot(ray_tune, config, context, tracker, info)
+            _tune(ray_tune, config, plan, context, tracker, info)
+        counts = stages.collect_results(study_dir, list(config.factors.categorical_axes()) + list(plan.ranges), info)
+        report_dir = _report(config, study_dir, tracker)
+        command = tracker.mlflow_ui_command()
+    return StudyOutcome(study_dir, counts, report_dir, command)
+
+
+def _encode(ray_tune, config: StudyConfig, dataset, weights: dict, context, workers: int) -> None:
+    """One task per (backbone, shard); shards of at most ENCODE_SHARD images, at least one per worker."""
+    keys = [(r.image_id, r.view) for r in dataset.records]
+    size = max(1, min(ENCODE_SHARD, -(-len(keys) // max(workers, 1))))
+    jobs = [(name, weights[name], keys[i:i + size])
+            for name in config.factors.backbone for i in range(0, len(keys), size)]
+    bar = tqdm(total=len(keys) * len(config.factors.backbone), desc="encode", unit="img")
+    totals = {"hits": 0, "misses": 0, "corrupt": 0}
+
+    def progress(images: int, counts: dict) -> None:
+        bar.update(images)
+        for key in totals:
+            totals[key] += counts[key]
+
+    ray_tune.run_encode(jobs, context.prepared_root, context.cache_root, progress)
+    bar.close()
+    print(f"Embedding cache: {totals['misses']} encoded, {totals['hits']} reused, "
+          f"{totals['corrupt']} corrupt entries re-encoded", flush=True)
+
+
+def _finish(tracker: StudyTracker, record: dict) -> None:
+    folder = Path(tracker.study_dir) / "results" / "trials" / record["trial_id"]
+    artifacts = {name: folder / name for name in ("per_image.csv", "history.csv") if (folder / name).exists()}
+    if (folder / "checkpoint" / "best_decoder.pt").exists():
+        artifacts["checkpoint/best_decoder.pt"] = folder / "checkpoint" / "best_decoder.pt"
+    status = "FAILED" if record["status"] == "ERROR" else "FINISHED"
+    summary = record.get("summary", {})
+    tracker.finish_trial(record["trial_id"], status, {k: summary[k] for k in FINAL_METRICS if summary.get(k) is not None},
+                         artifacts=artifacts, reason=record.get("reason"), trial_status=record["status"])
+
+
+def _zero_shot(ray_tune, config: StudyConfig, context, tracker: StudyTracker, info: dict) -> None:
+    pairs = [(b, p) for b in config.factors.backbone for p in config.factors.eval_prompts()]
+    for backbone, prompt in pairs:
+        tracker.trial_run(zero_shot_id(backbone, prompt), "zero_shot",
+                          _trial_params({"backbone": backbone, "prompt": prompt}, info[backbone]))
+    bar = tqdm(total=len(pairs), desc="zero-shot", unit="eval")
+
+    def on_result(record: dict) -> None:
+        _finish(tracker, record)
+        bar.update(1)
+
+    ray_tune.run_zero_shot(pairs, context, on_result)
+    bar.close()
+
+
+def _tune(ray_tune, config: StudyConfig, plan, context, tracker: StudyTracker, info: dict) -> None:
+    last_epoch: dict[str, int] = {}
+    stopped: list[dict] = []
+
+    def on_start(params: dict) -> None:
+        tracker.trial_run(trial_id(params), "finetune", _trial_params(params, info[params["backbone"]]))
+
+    def on_epoch(params: dict, result: dict) -> None:
+        name = trial_id(params)
+        last_epoch[name] = int(result["epoch"])
+        tracker.log_epoch(name, {k: float(result[k]) for k in EPOCH_METRICS if k in result}, step=int(result["epoch"]))
+
+    def on_end(params: dict, error: str | None) -> None:
+        name = trial_id(params)
+        folder = context.trial_dir(name)
+        record = stages.read_result(folder)
+        if record:
+            _finish(tracker, record)
+        elif error:
+            tracker.finish_trial(name, "FAILED", {}, reason=error)
+        else:  # the scheduler stopped it early: evaluate its best epoch on test after the search
+            stages.mark_stopped(folder, last_epoch.get(name, 0))
+            stopped.append(params)
+
+    ray_tune.run_tune(plan, context, cpus=config.resources.cpus_per_trial, gpus=config.resources.gpus_per_trial,
+                      max_concurrent=config.resources.max_concurrent, max_failures=config.resources.max_failures,
+                      on_start=on_start, on_epoch=on_epoch, on_end=on_end)
+    if stopped:
+        print(f"Evaluating {len(stopped)} trial(s) the scheduler stopped early on test.", flush=True)
+        ray_tune.run_finalise(stopped, context, lambda record: _finish(tracker, record))
+
+
+def _report(config: StudyConfig, study_dir: Path, tracker: StudyTracker) -> Path | None:
+    if not config.report.enabled:
+        return None
+    try:
+        from analysis.report import build_report
+        from analysis.results import ResultsError, load_study
+    except ImportError:
+        return None
+    try:
+        report_dir = study_dir / "report"
+        build_report(load_study(study_dir), study_dir, report_dir, source=str(study_dir), seed=config.study.seed)
+    except ResultsError as err:
+        print(f"The report could not be written: {err}")
+        return None
+    tracker.log_parent_artifacts(report_dir, "report")
+    return report_dir
+
+
+def format_summary(outcome: StudyOutcome) -> str:
+    """The one-screen end of a study: best configuration, best level per factor, where things are."""
+    import pandas as pd
+
+    trials = pd.read_csv(outcome.study_dir / "results" / "trials.csv")
+    tuned = trials[(trials["stage"] == "finetune") & trials["test_dice"].notna()]
+    lines = [f"Study finished: {outcome.counts['trials']} trial rows, {outcome.counts['per_image']} per-image rows."]
+    if len(tuned):
+        best = tuned.sort_values("val_dice", ascending=False).iloc[0]
+        resolved = yaml.safe_load((outcome.study_dir / "resolved.yaml").read_text())
+        factors = [f for f, v in resolved["factors"].items()  # grid factors; searched ranges have no levels
+                   if isinstance(v, list) and f in tuned and tuned[f].nunique(dropna=False) > 1]
+        searched = [f for f, v in resolved["factors"].items() if isinstance(v, dict)]
+        lines.append(f"Best configuration (by val Dice): {best['trial_id']}: "
+                     + ", ".join(f"{f}={best[f]:.3g}" if f in searched else f"{f}={best[f]}" for f in factors + searched)
+                     + f"; val Dice {best['val_dice']:.3f}, test Dice {best['test_dice']:.3f}")
+        for factor in factors:
+            means = tuned.groupby(factor)["test_dice"].mean().sort_values(ascending=False)
+            lines.append(f"  best {factor}: {means.index[0]} (mean test Dice {means.iloc[0]:.3f} over "
+                         f"{int((tuned[factor] == means.index[0]).sum())} trials)")
+    failed = trials[trials["status"] == "ERROR"]
+    if len(failed):
+        lines.append(f"{len(failed)} trial(s) failed; reasons are in results/trials.csv.")
+    lines.append(f"Results: {outcome.study_dir / 'results'}")
+    if outcome.report_dir:
+        lines.append(f"Report: {outcome.report_dir / 'report.html'}")
+    lines.append(f"MLflow: {outcome.mlflow_command}")
+    return "\n".join(lines)
+

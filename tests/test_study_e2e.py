@@ -1,0 +1,172 @@
+"""The study runner end to end on a two-node Ray cluster (Ray's cluster utilities, one machine).
+
+One small phantom study design is shared: LiteMedSAM's real weights, a handful of slices, two
+short epochs. The prepared store and the embedding cache are shared by every study here, so
+the encoder runs once for the whole module.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from study.run import main
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return tmp_path_factory.mktemp("shared")
+
+
+def write_grid(folder: Path, shared: Path, name: str, **sections) -> Path:
+    grid = {
+        "study": {"name": name, "out": str(folder / "runs"), "seed": 0, "cache_dir": str(shared / "cache")},
+        "data": {"reader": "phantom", "root": str(shared / "phantom"), "slicing": {"min_area": 50},
+                 "split": {"val": 0.15, "test": 0.25}, "limit": 4},
+        "factors": {"backbone": "litemedsam", "optimizer": ["adam", "adamw"], "loss": "dice_bce", "prompt": "box",
+                    "lr": 1.0e-4, "epochs": 2, "batch_size": 4},
+        "resources": {"cpus_per_trial": 1, "max_concurrent": 2, "max_failures": 1},
+    }
+    for section, values in sections.items():
+        grid[section] = {**grid.get(section, {}), **values}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def mlflow_runs(study_dir: Path):
+    client = MlflowClient(f"sqlite:///{study_dir.resolve()}/mlflow.db")
+    experiments = client.search_experiments()
+    runs = [run for exp in experiments for run in client.search_runs([exp.experiment_id], max_results=1000)]
+    return client, runs
+
+
+def trials_table(study_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(study_dir / "results" / "trials.csv")
+
+
+def test_a_study_runs_on_two_nodes_and_leaves_every_trial_in_mlflow(cluster, shared, tmp_path, capsys):
+    grid = write_grid(tmp_path, shared, "e2e", baseline={"zero_shot": True})
+    assert main([str(grid), "--address", cluster.address]) == 0
+    out = capsys.readouterr().out
+    study = tmp_path / "runs" / "e2e"
+    assert "mlflow ui --backend-store-uri sqlite:///" in out and "Report:" in out
+
+    trials = trials_table(study)
+    tuned = trials[trials["stage"] == "finetune"]
+    assert sorted(tuned["optimizer"]) == ["adam", "adamw"]
+    assert set(trials["stage"]) == {"finetune", "zero_shot"}
+    assert (tuned["status"] == "TERMINATED").all() and (tuned["epochs_run"] == 2).all()
+    assert tuned[["val_dice", "test_dice", "test_iou", "test_miou"]].notna().all().all()
+    assert trials["node"].nunique() == 2, "trials and evaluations ran on both nodes"
+
+    per_image = pd.read_csv(study / "results" / "per_image.csv")
+    test_images = per_image.groupby("trial_id")["image_id"].nunique()
+    assert set(test_images.index) == set(trials["trial_id"]) and test_images.nunique() == 1
+    for trial, rows in per_image.groupby("trial_id"):  # the table's Dice is the mean of the per-image Dice
+        assert rows["dice"].mean() == pytest.approx(float(trials.set_index("trial_id").loc[trial, "test_dice"]))
+    history = pd.read_csv(study / "results" / "history.csv")
+    assert len(history) == 2 * 2
+
+    client, runs = mlflow_runs(study)
+    roles = [run.data.tags.get("sam_study.role") for run in runs]
+    assert roles.count("parent") == 1 and roles.count("trial") == len(trials)
+    assert all(run.info.status != "RUNNING" for run in runs)
+    for run in runs:
+        if run.data.tags.get("sam_study.stage") == "finetune":
+            assert run.data.params["optimizer"] in ("adam", "adamw") and "image_encoder_params" in run.data.params
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")]
+            assert steps[:2] == [1, 2]
+    assert (study / "report" / "report.html").exists() and (study / "resolved.yaml").exists()
+    assert (study / "tune").is_dir()
+
+
+def test_a_killed_study_resumes_without_rerunning_finished_trials(cluster, shared, tmp_path):
+    grid = write_grid(tmp_path, shared, "resume", baseline={"zero_shot": False},
+                      factors={"optimizer": ["adam", "adamw", "sgd"], "loss": ["dice", "dice_bce"]},
+                      resources={"max_concurrent": 1})
+    study = tmp_path / "runs" / "resume"
+    trial_folders = study / "results" / "trials"
+    driver = subprocess.Popen([sys.executable, "-m", "study.run", str(grid), "--address", cluster.address],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 420
+    while time.time() < deadline and len(list(trial_folders.glob("*/result.json"))) < 2:
+        assert driver.poll() is None, "the driver ended before it could be killed"
+        time.sleep(1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in trial_folders.glob("*/result.json")}
+    assert 2 <= len(finished) < 6
+
+    assert main([str(grid), "--address", cluster.address]) == 0
+    for name, mtime in finished.items():  # finished trials were not run again
+        assert (trial_folders / name / "result.json").stat().st_mtime_ns == mtime
+    trials = trials_table(study)
+    assert len(trials) == 6 and (trials["status"] == "TERMINATED").all()
+    client, runs = mlflow_runs(study)
+    assert len(runs) == 6 + 1  # one run per trial, plus the parent
+    assert all(run.info.status != "RUNNING" for run in runs)
+    for run in runs:
+        if run.data.tags.get("sam_study.role") == "trial":
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")]
+            assert sorted(set(steps)) == sorted(steps), "no duplicate metric steps"
+
+
+def test_asha_stops_some_trials_early_and_still_evaluates_them(cluster, shared, tmp_path):
+    grid = write_grid(tmp_path, shared, "asha", baseline={"zero_shot": False},
+                      factors={"optimizer": "adamw", "lr": [1.0e-6, 3.0e-6, 1.0e-4, 3.0e-4], "epochs": 4},
+                      scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+                      resources={"max_concurrent": 2})
+    assert main([str(grid), "--address", cluster.address]) == 0
+    trials = trials_table(tmp_path / "runs" / "asha")
+    assert len(trials) == 4
+    stopped = trials[trials["epochs_run"] < 4]
+    assert len(stopped) >= 1 and (stopped["status"] == "STOPPED_EARLY").all()
+    assert trials["test_dice"].notna().all()
+
+
+def test_optuna_proposals_stay_in_range_and_its_state_survives_a_resume(cluster, shared, tmp_path):
+    grid = write_grid(tmp_path, shared, "optuna", baseline={"zero_shot": False},
+                      factors={"lr": {"loguniform": [1.0e-5, 1.0e-3]}, "epochs": 1},
+                      search={"algorithm": "optuna", "num_samples": 2}, resources={"max_concurrent": 1})
+    study = tmp_path / "runs" / "optuna"
+    driver = subprocess.Popen([sys.executable, "-m", "study.run", str(grid), "--address", cluster.address],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 420
+    while time.time() < deadline and not list((study / "results" / "trials").glob("*/result.json")):
+        assert driver.poll() is None
+        time.sleep(1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    state = study / "results" / "search_state.pkl"
+    assert state.exists()
+
+    assert main([str(grid), "--address", cluster.address]) == 0
+    trials = trials_table(study)
+    assert len(trials) == 2 * 2  # 2 optimizer cells x 2 samples: no proposal lost or repeated
+    assert trials.groupby("optimizer").size().to_dict() == {"adam": 2, "adamw": 2}
+    assert trials["lr"].between(1.0e-5, 1.0e-3).all()
+    assert trials["lr"].nunique() == 4
