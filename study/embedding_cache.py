@@ -1,0 +1,330 @@
+"""The embedding cache: each image is passed through a frozen image encoder once, then shared.
+
+An entry holds what the mask decoder needs from the encoder for one prepared image: the image
+embedding and, for SAM 2, the two high-resolution feature maps *after* the decoder's frozen
+`conv_s0`/`conv_s1` projections (so those two projections stay frozen in every fine-tune; see
+trainables/backbones/sam2.py). Entries are
+
+- keyed by content. A namespace folder per (backbone name, weights identity, input size,
+  preprocessing id) — the preprocessing id hashes the backbone's input contract (resize rule,
+  normalisation, input size) and this module's `CACHE_FORMAT` — and within it one entry per
+  (prepared-store key, image id, augmented view), named by a hash of the three. The prepared-store
+  key already hashes every data preprocessing setting and the input files, so a change of
+  weights, preprocessing or augmentation is never served a stale embedding:
+
+      <root>/embeddings/<backbone>/<weights[:16]>-s<size>-p<prep[:8]>/<h[:2]>/<h>/
+          image_embed.npy  [high_res_0.npy  high_res_1.npy]  meta.json
+
+- float16 `.npy` files, read memory-mapped (`load`), or copied once into RAM for a process that
+  reads them many times (`load_resident`);
+- written atomically: an entry is built in a private temp folder and renamed into place, so the
+  entry's path holds either nothing or a complete entry, never half of one. When several
+  processes write one entry at once, the first rename wins and the others discard their copy. A
+  corrupt entry is first renamed away (to a temp name), then deleted, then replaced;
+- checked: `meta.json` records each array's shape, file size and SHA-256. `is_valid` always
+  checks that every file is there with its recorded size and a readable header of the recorded
+  shape (this catches truncation and most damage); with `verify=True` it also recomputes every
+  checksum (this catches any flipped byte). `ensure` encodes what is missing or invalid, and
+  removes temp folders that a killed writer left behind more than an hour ago.
+
+Files are not fsync'ed: a machine crash may leave a damaged entry, which `ensure(verify=True)`
+detects and recomputes.
+
+`EncodeCounts` tells callers how many entries were hits, misses and corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from study.data.prepare import PreparedDataset, SliceRecord
+
+#: Bumped whenever what an entry holds or how it is laid out changes; part of the namespace name.
+CACHE_FORMAT = 1
+META_FILE = "meta.json"
+TEMP_PREFIX = ".tmp-"
+
+#: Images per encoder call on each device type when `ensure` is not told. On CPU, one image at a
+#: time is fastest (measured on the 2-core development machine: LiteMedSAM's TinyViT 0.8 s per
+#: image alone vs 1.4 s per image in batches of 8; SAM 2 Hiera-T at 1024 likewise): batched
+#: activations no longer fit the CPU caches. GPUs gain from batching.
+DEFAULT_ENCODE_BATCH = {"cpu": 1, "cuda": 8, "mps": 4}
+
+
+@dataclass
+class EncodeCounts:
+    """Entries an `ensure` call found valid (hits), absent (misses) or invalid (corrupt).
+
+    Misses and corrupt entries are the ones it encoded (`encoded`).
+    """
+
+    hits: int = 0
+    misses: int = 0
+    corrupt: int = 0
+
+    @property
+    def encoded(self) -> int:
+        return self.misses + self.corrupt
+
+    def __add__(self, other: EncodeCounts) -> EncodeCounts:
+        return EncodeCounts(self.hits + other.hits, self.misses + other.misses, self.corrupt + other.corrupt)
+
+
+def preprocessing_id(backbone) -> str:
+    """A hash of what turns a prepared image into encoder input for `backbone`, and of CACHE_FORMAT."""
+    spec = backbone.spec
+    normalisation = spec.normalisation
+    described = {
+        "format": CACHE_FORMAT,
+        "family": spec.family,
+        "resize": spec.resize,
+        "input_size": int(backbone.input_size),
+        "normalisation": [normalisation.kind, normalisation.value_scale, normalisation.mean, normalisation.std],
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+
+
+def _read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy file's header, without reading or mapping the data."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"{path} has .npy format version {version}, which this cache does not write")
+    if fortran:
+        raise ValueError(f"{path} is stored in Fortran order")
+    return tuple(shape), dtype
+
+
+class EmbeddingCache:
+    """The cache entries of one backbone (name, weights, input size, preprocessing) for one prepared store."""
+
+    def __init__(self, root: Path, backbone_name: str, weights_id: str, input_size: int, prepared_key: str,
+                 *, preprocessing: str = ""):
+        prep = f"-p{preprocessing[:8]}" if preprocessing else ""
+        self.root = Path(root)
+        self.namespace = self.root / "embeddings" / backbone_name / f"{weights_id[:16]}-s{input_size}{prep}"
+        self.prepared_key = prepared_key
+        self.counts = EncodeCounts()
+
+    @classmethod
+    def for_backbone(cls, root: Path, backbone, prepared_key: str) -> EmbeddingCache:
+        return cls(root, backbone.spec.name, backbone.weights_id, backbone.input_size, prepared_key,
+                   preprocessing=preprocessing_id(backbone))
+
+    # --- one entry ------------------------------------------------------------------------------
+
+    def entry_dir(self, record: SliceRecord) -> Path:
+        name = hashlib.sha256(f"{self.prepared_key}\0{record.image_id}\0{record.view}".encode()).hexdigest()[:32]
+        return self.namespace / name[:2] / name
+
+    def is_valid(self, record: SliceRecord, verify: bool = False) -> bool:
+        """Whether the entry is complete: every array file present with its recorded size, and a
+        float16 header of the recorded shape; with `verify`, also every array's SHA-256."""
+        folder = self.entry_dir(record)
+        try:
+            meta = json.loads((folder / META_FILE).read_text())
+            if meta.get("format") != CACHE_FORMAT or not meta["arrays"]:
+                return False
+            for name, info in meta["arrays"].items():
+                path = folder / f"{name}.npy"
+                if os.stat(path).st_size != info["bytes"]:
+                    return False
+                shape, dtype = _read_npy_header(path)
+                if list(shape) != info["shape"] or dtype != np.float16:
+                    return False
+                if verify and _sha256(np.load(path, mmap_mode="r")) != info["sha256"]:
+                    return False
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+            return False
+        return True
+
+    def write(self, record: SliceRecord, arrays: dict[str, np.ndarray]) -> bool:
+        """Store one entry atomically as float16; if another writer got there first, keep theirs.
+
+        Returns True when this call's entry was put in place, False when a valid entry was there
+        (or arrived) first. Values beyond float16's range are an error (they would come back as
+        infinities).
+        """
+        final = self.entry_dir(record)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}.", dir=final.parent))
+        try:
+            meta = {"format": CACHE_FORMAT, "image_id": record.image_id, "view": record.view,
+                    "prepared_key": self.prepared_key, "arrays": {}}
+            for name, array in arrays.items():
+                with np.errstate(over="ignore", invalid="ignore"):
+                    half = np.ascontiguousarray(array, dtype=np.float16)
+                if not np.isfinite(half).all():
+                    raise ValueError(f"the {name} features of image {record.image_id!r} (view {record.view}) hold "
+                                     f"values that are not finite in float16; they cannot be cached")
+                path = temp / f"{name}.npy"
+                np.save(path, half)
+                meta["arrays"][name] = {"shape": list(half.shape), "bytes": os.stat(path).st_size,
+                                        "sha256": _sha256(half)}
+            (temp / META_FILE).write_text(json.dumps(meta))
+            if final.exists() and not self.is_valid(record, verify=True):
+                self._discard(final)  # a corrupt entry is replaced
+            try:
+                os.rename(temp, final)
+                return True
+            except OSError:
+                # The path is taken: a concurrent writer renamed a complete entry first.
+                if not self.is_valid(record):
+                    raise
+                return False
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+
+    @staticmethod
+    def _discard(folder: Path) -> None:
+        """Remove an entry by renaming it away first, so its path never holds a half-deleted entry."""
+        trash = folder.parent / f"{TEMP_PREFIX}{folder.name}.discard-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            os.rename(folder, trash)
+        except OSError:
+            return  # another process moved it already
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def load(self, record: SliceRecord) -> dict[str, np.ndarray]:
+        """One entry's arrays, memory-mapped read-only (float16)."""
+        folder = self.entry_dir(record)
+        meta = json.loads((folder / META_FILE).read_text())
+        return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+
+    def load_batch(self, records: list[SliceRecord], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Entries of several records stacked into float32 tensors (N, C, h, w) on `device`."""
+        entries = [self.load(r) for r in records]
+        return {name: torch.from_numpy(np.stack([e[name] for e in entries])).to(device=device, dtype=torch.float32)
+                for name in entries[0]}
+
+    def load_resident(self, records: list[SliceRecord]) -> ResidentEmbeddings:
+        """Copy the entries of `records` into RAM, one float16 tensor per array name."""
+        unique = list({(r.image_id, r.view): r for r in records}.values())
+        if not unique:
+            return ResidentEmbeddings({}, {})
+        first = self.load(unique[0])
+        arrays = {name: torch.empty((len(unique), *value.shape), dtype=torch.float16) for name, value in first.items()}
+        for row, record in enumerate(unique):
+            entry = first if row == 0 else self.load(record)
+            for name, value in entry.items():
+                arrays[name][row].numpy()[...] = value
+        return ResidentEmbeddings({(r.image_id, r.view): row for row, r in enumerate(unique)}, arrays)
+
+    def entry_bytes(self, record: SliceRecord) -> int:
+        """Bytes one entry takes on disk (its array files and meta.json)."""
+        return sum(path.stat().st_size for path in self.entry_dir(record).iterdir())
+
+    def remove_stale_temp_folders(self, older_than_s: float = 3600.0) -> int:
+        """Delete temp folders a killed writer left in this namespace (untouched for `older_than_s`);
+        younger ones may belong to a writer still at work. Returns how many were deleted."""
+        removed = 0
+        now = time.time()
+        for temp in self.namespace.glob(f"*/{TEMP_PREFIX}*"):
+            try:
+                if now - temp.stat().st_mtime > older_than_s:
+                    shutil.rmtree(temp, ignore_errors=True)
+                    removed += 1
+            except OSError:
+                pass
+        return removed
+
+    # --- filling ----------------------------------------------------------------------------------
+
+    def ensure(self, backbone, dataset: PreparedDataset, records: list[SliceRecord], *, batch_size: int | None = None,
+               verify: bool = True, progress: bool = True) -> EncodeCounts:
+        """Encode every record not yet validly cached, in batches of images of equal size.
+
+        `batch_size` None takes `DEFAULT_ENCODE_BATCH` for the backbone's device type. Returns the
+        counts of this call (also added to `self.counts`): hits were already cached, misses were
+        encoded now, corrupt ones failed `is_valid(verify=verify)` and were encoded again.
+        Safe to run in several processes at once (each entry is written atomically); it can run
+        inside a Ray task, as it takes and returns plain objects.
+        """
+        if batch_size is None:
+            batch_size = DEFAULT_ENCODE_BATCH.get(torch.device(backbone.device).type, 1)
+        self.remove_stale_temp_folders()
+        counts = EncodeCounts()
+        pending: dict[tuple[int, int], list[SliceRecord]] = defaultdict(list)
+        seen: set[tuple[str, int]] = set()
+        for record in records:
+            if (record.image_id, record.view) in seen:
+                continue
+            seen.add((record.image_id, record.view))
+            if self.is_valid(record, verify=verify):
+                counts.hits += 1
+                continue
+            if self.entry_dir(record).exists():
+                counts.corrupt += 1
+            else:
+                counts.misses += 1
+            pending[(record.height, record.width)].append(record)
+        todo = counts.encoded
+        bar = tqdm(total=todo, desc=f"encode {backbone.spec.name}", unit="img", disable=not progress or todo == 0)
+        for group in pending.values():
+            for start in range(0, len(group), batch_size):
+                batch = group[start:start + batch_size]
+                images = np.stack([dataset.load(r)[0] for r in batch])
+                with torch.no_grad():
+                    features = backbone.encode(backbone.preprocess(images))
+                features = {name: value.to("cpu", torch.float32).numpy() for name, value in features.items()}
+                for row, record in enumerate(batch):
+                    self.write(record, {name: value[row] for name, value in features.items()})
+                bar.update(len(batch))
+        bar.close()
+        self.counts = self.counts + counts
+        return counts
+
+
+class ResidentEmbeddings:
+    """Cache entries held in RAM: one float16 tensor (N, C, h, w) per array name, and the row of
+    each (image id, view). Made by `EmbeddingCache.load_resident`."""
+
+    def __init__(self, rows: dict[tuple[str, int], int], arrays: dict[str, torch.Tensor]):
+        self.rows = rows
+        self.arrays = arrays
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.arrays.values())
+
+    def covers(self, records: list[SliceRecord]) -> bool:
+        return all((r.image_id, r.view) in self.rows for r in records)
+
+    def merged(self, other: ResidentEmbeddings) -> ResidentEmbeddings:
+        """This set plus the entries of `other` that it lacks."""
+        if not self.rows:
+            return other
+        extra = [key for key in other.rows if key not in self.rows]
+        if not extra:
+            return self
+        index = torch.tensor([other.rows[key] for key in extra])
+        arrays = {name: torch.cat([value, other.arrays[name].index_select(0, index)]) for name, value in self.arrays.items()}
+        rows = dict(self.rows)
+        rows.update({key: len(self.rows) + i for i, key in enumerate(extra)})
+        return ResidentEmbeddings(rows, arrays)
+
+    def batch(self, records: list[SliceRecord], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The entries of `records`, stacked as float32 tensors (N, C, h, w) on `device`."""
+        index = torch.tensor([self.rows[(r.image_id, r.view)] for r in records])
+        return {name: value.index_select(0, index).to(device=device, non_blocking=True).float()
+                for name, value in self.arrays.items()}

@@ -1,0 +1,33 @@
+"""Fixtures shared across the test packages."""
+
+from __future__ import annotations
+
+import pytest
+
+from study.config import StudyConfig, config_from_dict
+from study.data.prepare import PreparedDataset, prepare_dataset
+
+
+@pytest.fixture(scope="session")
+def phantom_dataset(tmp_path_factory) -> tuple[StudyConfig, PreparedDataset]:
+    """A small prepared phantom, made once per session: (config, PreparedDataset).
+
+    The phantom reader's 8 subjects (generated under the fixture's folder), whole tumour on axial
+    slices with at least 50 pixels, subjects split 4 train / 2 val / 2 test, at most 8 slices per
+    split (128 x 128 pixels), one augmented view per training slice. `config.cache_dir` is the
+    fixture's own cache folder (prepared store and embeddings); treat the store as read-only.
+    """
+    base = tmp_path_factory.mktemp("phantom_dataset")
+    config = config_from_dict({
+        "study": {"name": "fixture", "out": str(base / "runs"), "cache_dir": str(base / "cache"), "seed": 0},
+        "data": {
+            "reader": "phantom",
+            "root": str(base / "phantom"),
+            "target": "whole_tumor",
+            "slicing": {"axis": "axial", "min_area": 50, "keep_empty": 0},
+            "split": {"val": 0.25, "test": 0.25},
+            "augment": {"views": 1, "rotate_deg": 20, "elastic": True},
+            "limit": 8,
+        },
+    })
+    return config, prepare_dataset(config, progress=False)

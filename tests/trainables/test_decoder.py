@@ -1,0 +1,275 @@
+"""The decoder fine-tune trial: real LiteMedSAM on the phantom, resume, failure, residency, options."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainables import decoder
+from trainables.backbones import build_backbone, resolve_weights
+from trainables.decoder import (
+    PER_IMAGE_COLUMNS,
+    DecoderFineTune,
+    EncoderInTheLoop,
+    TrialFailed,
+    TrialSpec,
+    run_trial,
+)
+from trainables.prompts import Prompt
+
+SMALL = 64
+HISTORY_KEYS = {"epoch", "train_loss", "val_loss", "val_dice", "val_iou", "seconds"}
+# Measured here: LiteMedSAM's zero-shot box Dice on the fixture's 8 test slices is 0.60 (the
+# prompt is deterministic, so this is the value every run gets); the floor leaves a margin for
+# other CPUs' arithmetic. Chance (a random mask) scores about twice the tumour's share of the
+# image, under 0.1 here.
+ZERO_SHOT_BOX_DICE_FLOOR = 0.45
+
+
+def _without_seconds(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+@pytest.fixture(scope="module")
+def litemedsam_weights() -> str:
+    return str(resolve_weights("litemedsam", None, {}))
+
+
+@pytest.fixture(scope="module")
+def real_runs(phantom_dataset, litemedsam_weights):
+    """Zero-shot box, zero-shot center_point (also scored with box) and a center_point fine-tune
+    of the real LiteMedSAM on the fixture's phantom, with the epoch callbacks it made."""
+    config, dataset = phantom_dataset
+    base = TrialSpec(trial_id="", backbone="litemedsam", weights=litemedsam_weights)
+    epochs_seen = []
+    runs = {
+        "box": run_trial(dataclasses.replace(base, trial_id="zs-box", stage="zero_shot", prompt="box"),
+                         dataset.root, config.cache_dir),
+        "center": run_trial(dataclasses.replace(base, trial_id="zs-center", stage="zero_shot", prompt="center_point",
+                                                eval_prompts=("center_point", "box")),
+                            dataset.root, config.cache_dir),
+        "finetune": run_trial(dataclasses.replace(base, trial_id="ft-center", prompt="center_point", epochs=3,
+                                                  lr=1e-4, batch_size=4),
+                              dataset.root, config.cache_dir, on_epoch=lambda m, d: epochs_seen.append((m, d))),
+    }
+    return runs, epochs_seen
+
+
+def test_zero_shot_box_dice_is_well_above_chance(real_runs):
+    runs, _ = real_runs
+    box = runs["box"]
+    assert box.history == [] and box.summary["epochs_run"] == 0
+    assert box.summary["test_images"] == 8
+    assert box.summary["test_dice"] > ZERO_SHOT_BOX_DICE_FLOOR
+
+
+def test_center_point_fine_tuning_raises_test_dice_above_zero_shot(real_runs):
+    runs, epochs_seen = real_runs
+    zero_shot, tuned = runs["center"].summary["test_dice"], runs["finetune"].summary["test_dice"]
+    assert zero_shot < 0.1  # LiteMedSAM was trained with boxes: a single point starts near zero
+    assert tuned > zero_shot + 0.2
+    history = runs["finetune"].history
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert all(set(row) == HISTORY_KEYS and all(math.isfinite(v) for v in row.values()) for row in history)
+    assert [m for m, _ in epochs_seen] == history and all(d is None for _, d in epochs_seen)
+    best = runs["finetune"].summary["best_epoch"]
+    assert runs["finetune"].summary["val_dice"] == max(row["val_dice"] for row in history) == history[best - 1]["val_dice"]
+
+
+def test_per_image_rows_and_summary_agree(real_runs, phantom_dataset):
+    runs, _ = real_runs
+    _, dataset = phantom_dataset
+    result = runs["finetune"]
+    test_ids = sorted(r.image_id for r in dataset.records_for("test"))
+    assert sorted(row["image_id"] for row in result.per_image) == test_ids
+    for row in result.per_image:
+        assert tuple(row) == PER_IMAGE_COLUMNS
+        assert row["trial_id"] == "ft-center" and row["stage"] == "finetune" and row["prompt"] == "center_point"
+        assert 0 <= row["dice"] <= 1 and 0 <= row["iou"] <= row["dice"] + 1e-12 <= 1 + 1e-12
+        assert math.isclose(row["iou"], row["dice"] / (2 - row["dice"]))  # IoU = D / (2 - D) per image
+    assert result.summary["test_dice"] == pytest.approx(np.mean([row["dice"] for row in result.per_image]))
+    assert result.summary["test_iou"] == pytest.approx(np.mean([row["iou"] for row in result.per_image]))
+    assert result.summary["test_miou"] == pytest.approx(np.mean([row["miou"] for row in result.per_image]))
+
+
+def test_each_eval_prompt_gets_rows_and_eval_prompts_are_the_same_in_every_trial(real_runs):
+    runs, _ = real_runs
+    rows = runs["center"].per_image
+    assert [row["prompt"] for row in rows] == ["center_point"] * 8 + ["box"] * 8
+    assert runs["center"].summary["test_dice"] == pytest.approx(np.mean([r["dice"] for r in rows[:8]]))
+    # The box rows of this trial score exactly as the zero-shot box trial: same prompts, same model.
+    box_trial = {row["image_id"]: row["dice"] for row in runs["box"].per_image}
+    assert {row["image_id"]: row["dice"] for row in rows[8:]} == box_trial
+
+
+def test_features_from_the_encoder_in_the_loop_equal_the_cached_ones(phantom_dataset, litemedsam_weights, real_runs):
+    config, dataset = phantom_dataset
+    spec = TrialSpec(trial_id="x", backbone="litemedsam", weights=litemedsam_weights)
+    backbone = decoder.resident_backbone(spec)
+    records = dataset.records_for("val")[:2]
+    cached = decoder.EmbeddingCache.for_backbone(config.cache_dir, backbone, dataset.key).load_batch(records)
+    in_loop = EncoderInTheLoop(backbone, dataset).batch(records, "cpu")
+    # One image alone when cached, two together in the loop: equal up to float16 rounding.
+    torch.testing.assert_close(in_loop["image_embed"], cached["image_embed"], rtol=1e-2, atol=1e-2)
+
+
+# --- random-weights backbones at a small input size: fast tests of the machinery ----------------------
+
+
+def _small_spec(**changes) -> TrialSpec:
+    spec = TrialSpec(trial_id="small", backbone="sam_b", weights="random", input_size=SMALL, epochs=1, batch_size=4,
+                     prompt="box", lr=1e-3)
+    return dataclasses.replace(spec, **changes)
+
+
+def _differs(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("backbone", ["sam_b", "sam2_t"])
+def test_random_backbones_train_with_every_option(backbone, phantom_dataset):
+    config, dataset = phantom_dataset
+    spec = _small_spec(trial_id=f"opts-{backbone}", backbone=backbone, prompt="box_per_component",
+                       eval_prompts=("box_per_component", "points_pos_neg"), multimask="best_iou", grad_accum=2,
+                       swa=True, iou_loss_weight=0.5, schedule="cosine", warmup_epochs=1)
+    backbone = decoder.resident_backbone(spec)
+    pristine = backbone.decoder_state_dict()
+    result = run_trial(spec, dataset.root, config.cache_dir)
+    assert len(result.history) == 1 and all(math.isfinite(v) for v in result.history[0].values())
+    assert {row["prompt"] for row in result.per_image} == {"box_per_component", "points_pos_neg"}
+    assert len(result.per_image) == 2 * len(dataset.records_for("test"))
+    assert _differs(pristine, backbone.decoder_state_dict())  # it trained (and kept the SWA weights)
+    assert decoder.resident_backbone(spec) is backbone  # the next trial gets the built weights back
+    assert not _differs(pristine, backbone.decoder_state_dict())
+
+
+def test_training_changes_the_decoder_but_not_the_frozen_parts(phantom_dataset):
+    config, dataset = phantom_dataset
+    spec = _small_spec(backbone="sam2_t", trial_id="frozen", epochs=1)
+    backbone = decoder.resident_backbone(spec)
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    run_trial(spec, dataset.root, config.cache_dir, checkpoint_dir=None)
+    after = backbone.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("sam_mask_decoder.") for k in changed)
+    assert not any(k.startswith(("sam_mask_decoder.conv_s0", "sam_mask_decoder.conv_s1")) for k in changed)
+
+
+def test_box_per_component_unites_the_masks_of_its_boxes(phantom_dataset):
+    """Decoding two boxes of one image as rows gives the element-wise maximum of decoding each alone."""
+    config, dataset = phantom_dataset
+    backbone = build_backbone("sam_b", "random", input_size=SMALL)
+    records = dataset.records_for("val")[:2]
+    cache = decoder.EmbeddingCache.for_backbone(config.cache_dir, backbone, dataset.key)
+    cache.ensure(backbone, dataset, records, progress=False)
+    features = cache.load_batch(records)
+    boxes = np.array([[10, 10, 40, 50], [70, 60, 120, 100]], np.float32)
+    prompts = [Prompt(boxes=boxes), Prompt(points=[[64, 64]], point_labels=[1])]
+    hw = (records[0].height, records[0].width)
+    with torch.no_grad():
+        united, _ = decoder._decode(backbone, features, decoder._rows_for(prompts, [hw, hw], backbone), 2, "single", "cpu")
+        alone = [decoder._decode(backbone, {k: v[:1] for k, v in features.items()},
+                                 decoder._rows_for([Prompt(boxes=box[None])], [hw], backbone), 1, "single", "cpu")[0]
+                 for box in boxes]
+        point, _ = decoder._decode(backbone, {k: v[1:] for k, v in features.items()},
+                                   decoder._rows_for(prompts[1:], [hw], backbone), 1, "single", "cpu")
+    torch.testing.assert_close(united[0], torch.maximum(alone[0][0], alone[1][0]))
+    torch.testing.assert_close(united[1], point[0])
+
+
+def test_checkpoint_resume_continues_from_the_next_epoch(phantom_dataset, tmp_path):
+    config, dataset = phantom_dataset
+    spec = _small_spec(trial_id="resume", optimizer="adam")
+    first = run_trial(spec, dataset.root, config.cache_dir, checkpoint_dir=tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "state.pt").is_file() and (tmp_path / "ckpt" / "best_decoder.pt").is_file()
+    reported = []
+    longer = dataclasses.replace(spec, epochs=2)
+    resumed = run_trial(longer, dataset.root, config.cache_dir, checkpoint_dir=tmp_path / "ckpt",
+                        on_epoch=lambda m, d: reported.append((m["epoch"], d)))
+    assert resumed.history[0] == first.history[0]
+    assert [row["epoch"] for row in resumed.history] == [1, 2] and resumed.summary["epochs_run"] == 2
+    assert reported == [(2, tmp_path / "ckpt")]
+    # Epoch 2 after a resume is the epoch 2 of an uninterrupted run.
+    straight = run_trial(longer, dataset.root, config.cache_dir, checkpoint_dir=tmp_path / "straight")
+    assert _without_seconds(resumed.history) == _without_seconds(straight.history)
+    assert [row["dice"] for row in resumed.per_image] == [row["dice"] for row in straight.per_image]
+
+
+def test_a_non_finite_loss_fails_the_trial_naming_it_and_the_epoch(phantom_dataset, monkeypatch):
+    config, dataset = phantom_dataset
+
+    def exploding_loss(name):
+        def loss(logits, target):
+            return logits.mean() * float("nan")
+        return loss
+
+    monkeypatch.setattr(decoder, "build_loss", exploding_loss)
+    spec = _small_spec(trial_id="trial-that-explodes", epochs=2)
+    backbone = decoder.resident_backbone(spec)
+    pristine = backbone.decoder_state_dict()
+    with pytest.raises(TrialFailed, match=r"trial trial-that-explodes: .*nan at epoch 1\b"):
+        run_trial(spec, dataset.root, config.cache_dir)
+    assert not _differs(pristine, backbone.decoder_state_dict())  # stopped before the optimizer step
+
+
+def test_a_second_trial_in_the_process_starts_from_the_built_weights(phantom_dataset):
+    config, dataset = phantom_dataset
+    decoder.release_resident()
+    other = _small_spec(trial_id="first", prompt="center_point", epochs=2, lr=1e-2)
+    second = _small_spec(trial_id="second", prompt="box", epochs=1)
+    run_trial(other, dataset.root, config.cache_dir)
+    backbone = decoder.resident_backbone(second)
+    after_first = run_trial(second, dataset.root, config.cache_dir)
+    assert decoder.resident_backbone(second) is backbone  # the same built model, reused
+    assert after_first.summary["cache"]["from_memory"]  # and the embeddings stayed in RAM
+    decoder.release_resident()
+    alone = run_trial(second, dataset.root, config.cache_dir)
+    assert not alone.summary["cache"]["from_memory"]
+    assert _without_seconds(after_first.history) == _without_seconds(alone.history)
+    assert [r["dice"] for r in after_first.per_image] == [r["dice"] for r in alone.per_image]
+
+
+def test_without_residency_nothing_is_kept(phantom_dataset):
+    config, dataset = phantom_dataset
+    decoder.release_resident()
+    run_trial(_small_spec(trial_id="plain"), dataset.root, config.cache_dir, keep_resident=False)
+    assert not decoder._RESIDENT_BACKBONES and not decoder._RESIDENT_EMBEDDINGS and not decoder._RESIDENT_MASKS
+
+
+def test_fine_tune_pieces_logits_are_at_the_original_resolution(phantom_dataset):
+    config, dataset = phantom_dataset
+    spec = _small_spec()
+    backbone = build_backbone("sam_b", "random", input_size=SMALL)
+    records = dataset.records_for("val")[:3]
+    fine_tune = DecoderFineTune(spec, dataset, backbone, EncoderInTheLoop(backbone, dataset), epochs=0)
+    logits, iou_pred, target = fine_tune.forward(records, "box", None)
+    assert logits.shape == target.shape == (3, 1, records[0].height, records[0].width)
+    assert iou_pred.shape == (3,)
+    assert torch.equal(target[:, 0].bool(), torch.from_numpy(np.stack([dataset.load(r)[1] for r in records])))
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_trial_killed_after_an_epoch_resumes_exactly(phantom_dataset, tmp_path):
+    """A crash after epoch 1's checkpoint, then the same call: epoch 2 as if nothing happened,
+    with the optimizer state and the (warm-up, cosine) learning-rate schedule restored."""
+    config, dataset = phantom_dataset
+    spec = _small_spec(trial_id="crash", optimizer="sgd", schedule="cosine", warmup_epochs=1, epochs=3)
+
+    def crash_after_epoch_1(metrics, folder):
+        if metrics["epoch"] == 1:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        run_trial(spec, dataset.root, config.cache_dir, checkpoint_dir=tmp_path / "a", on_epoch=crash_after_epoch_1)
+    resumed = run_trial(spec, dataset.root, config.cache_dir, checkpoint_dir=tmp_path / "a")
+    straight = run_trial(spec, dataset.root, config.cache_dir, checkpoint_dir=tmp_path / "b")
+    assert _without_seconds(resumed.history) == _without_seconds(straight.history)
+    assert resumed.summary["best_epoch"] == straight.summary["best_epoch"]
+    assert [row["dice"] for row in resumed.per_image] == [row["dice"] for row in straight.per_image]
