@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from search_spaces.space import trial_id, zero_shot_id
 
 RESULT_FILE = "result.json"
@@ -24,7 +26,6 @@ STOPPED_FILE = "stopped.json"
 PER_IMAGE_COLUMNS = ["trial_id", "stage", "image_id", "subject", "slice", "area", "prompt",
                      "dice", "iou", "miou", "hd95", "hd95_mm"]
 HISTORY_COLUMNS = ["trial_id", "epoch", "train_loss", "val_loss", "val_dice", "val_iou", "seconds"]
-PREDICTIONS_PER_TRIAL = 8  # the best and worst test images, kept for overlays
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,14 @@ def encode_shard(backbone_name: str, weights: str, prepared_root: str, cache_roo
     """Fill the embedding cache for some prepared images; returns hit/miss/corrupt counts."""
     from study.data.prepare import open_prepared
     from study.embedding_cache import EmbeddingCache
-    from trainables.backbones import build_backbone
+    from trainables.decoder import TrialSpec, resident_backbone, retain_freed_memory
+
+    retain_freed_memory()  # as a trial does: large activations without page faults
 
     dataset = open_prepared(Path(prepared_root))
     wanted = set(map(tuple, image_ids))
     records = [r for r in dataset.records if (r.image_id, r.view) in wanted]
-    backbone = build_backbone(backbone_name, weights if weights == "random" else Path(weights), device=_device())
+    backbone = resident_backbone(TrialSpec(trial_id="encode", backbone=backbone_name, weights=weights, device=_device()))
     cache = EmbeddingCache.for_backbone(Path(cache_root), backbone, dataset.key)
     return asdict(cache.ensure(backbone, dataset, records, verify=True, progress=False))
 
@@ -113,12 +116,25 @@ def _spec(params: dict, context: StudyContext, name: str, stage: str):
                      select_mode=context.select_mode, device=_device(), **fields)
 
 
+def _save_predictions(folder: Path, predictions: dict) -> None:
+    """The best and worst test images of a trial as npz (image, mask, pred), for the report's overlays."""
+    from analysis.overlays import sanitise_image_id
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for image_id, (image, truth, pred) in predictions.items():
+        target = folder / f"{sanitise_image_id(image_id)}.npz"
+        temp = folder / f".{target.stem}.{os.getpid()}.tmp.npz"
+        np.savez_compressed(temp, image=image, mask=truth.astype(bool), pred=pred.astype(bool))
+        os.replace(temp, target)
+
+
 def _save_outputs(folder: Path, result, params: dict, status: str, node: str | None, started: float) -> dict:
     """Write a finished trial's tables and finally result.json (with when its compute ran)."""
     ended = time.time()
     folder.mkdir(parents=True, exist_ok=True)
     _write_csv(folder / "per_image.csv", result.per_image, PER_IMAGE_COLUMNS)
     _write_csv(folder / "history.csv", [{"trial_id": result.trial_id, **h} for h in result.history], HISTORY_COLUMNS)
+    _save_predictions(folder.parent.parent / "predictions" / result.trial_id, result.predictions)
     record = {"trial_id": result.trial_id, "stage": result.stage, "status": status, "reason": None,
               "params": params, "summary": result.summary, "node": node, "started": started, "ended": ended}
     _write_atomic(folder / RESULT_FILE, json.dumps(record, indent=1, default=str))
