@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="working folder (default: a temp folder)")
     args = parser.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="study-overhead-"))
+    work.mkdir(parents=True, exist_ok=True)
     lrs = [1e-4 * (2 ** i) for i in range(max(1, args.trials // 8))]
     grid = {
         "study": {"name": "overhead", "out": str(work / "runs"), "seed": 0, "cache_dir": str(work / "cache")},
