@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/cache_speedup.py [--images 8] [--val-images 4] [--epochs 2]
         [--backbones litemedsam sam2_t sam_b] [--batch-size 8] [--prompt box] [--work DIR]
-        [--in-loop-encode-batch N] [--system-malloc]
+        [--in-loop-encode-batch N] [--system-malloc] [--threads N]
 
 For each backbone, one trainable configuration (`trainables.decoder.TrialSpec`: AdamW, lr 1e-4,
 Dice+BCE, `--prompt`, `--batch-size`) is trained in two ways, side by side:
@@ -31,7 +31,10 @@ Backbones: `litemedsam` with its packaged weights at its real 256-pixel input; `
 `sam_b` (and any other registered name) with random weights at their real input size (1024), as
 the speed does not depend on the weights. Data: the synthetic phantom (128 x 128 slices),
 prepared under `--work` (a temporary folder by default) with no augmented views.
-`cache_bytes_per_image` is the size of one cache entry on disk.
+`cache_bytes_per_image` is the size of one cache entry on disk. `max_load_average` is the highest
+1-minute load average seen during the epochs: on a 2-core machine anything much above 2 means
+other processes competed for the cores and the timings are inflated (small parallel operations
+suffer most, so the decoder-only epochs more than the encoder-heavy ones).
 
 By default the process first calls `trainables.decoder.retain_freed_memory()`, as `run_trial`
 does in a worker; it speeds up both ways (the encoder more than the decoder). `--system-malloc`
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -116,6 +120,7 @@ def measure(name: str, dataset: PreparedDataset, work: Path, args) -> dict:
     warm.optimizer.zero_grad(set_to_none=True)
 
     seconds = {mode: [] for mode in runs}
+    loads = [os.getloadavg()[0]]
     train_seconds = {mode: [] for mode in runs}
     losses = {mode: [] for mode in runs}
     for epoch in range(1, args.epochs + 1):
@@ -127,8 +132,9 @@ def measure(name: str, dataset: PreparedDataset, work: Path, args) -> dict:
             finished = time.perf_counter()
             seconds[mode].append(finished - started)
             train_seconds[mode].append(trained - started)
+            loads.append(os.getloadavg()[0])
             log(f"[{name}] epoch {epoch} {mode:8s} {finished - started:7.2f} s "
-                f"(train {trained - started:.2f} s, loss {losses[mode][-1]:.5f})")
+                f"(train {trained - started:.2f} s, loss {losses[mode][-1]:.5f}; load average {loads[-1]:.2f})")
     mean = {mode: sum(values) / len(values) for mode, values in seconds.items()}
     mean_train = {mode: sum(values) / len(values) for mode, values in train_seconds.items()}
     loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses["cached"], losses["in_loop"]))
@@ -150,6 +156,8 @@ def measure(name: str, dataset: PreparedDataset, work: Path, args) -> dict:
         "cache_bytes_per_image": cache.entry_bytes(train[0]),
         "in_loop_encode_batch": encode_batch or args.batch_size,
         "loss_max_rel_diff": float(f"{loss_diff:.2e}"),
+        "threads": torch.get_num_threads(),
+        "max_load_average": round(max(loads), 2),
     }
     log(f"[{name}] {json.dumps(result)}")
     return result
@@ -168,12 +176,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="images per encoder call in the loop; 0: the whole batch at once, as the usual "
                              "scripts do (default: the cache's batch size for the device, 1 on CPU)")
     parser.add_argument("--system-malloc", action="store_true", help="do not call retain_freed_memory()")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's, one per core; a Ray trial with "
+                             "cpus_per_trial 1 runs with 1)")
     args = parser.parse_args(argv)
     if not 1 <= args.val_images <= args.images:
         parser.error("--val-images must be between 1 and --images")
 
     if not args.system_malloc:
         log(f"retain_freed_memory: {retain_freed_memory()}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory(prefix="cache-speedup-") as temp:
         work = args.work or Path(temp)
