@@ -58,8 +58,9 @@ TEMP_PREFIX = ".tmp-"
 
 #: Images per encoder call on each device type when `ensure` is not told. On CPU, one image at a
 #: time is fastest (measured on the 2-core development machine: LiteMedSAM's TinyViT 0.8 s per
-#: image alone vs 1.4 s per image in batches of 8; SAM 2 Hiera-T at 1024 likewise): batched
-#: activations no longer fit the CPU caches. GPUs gain from batching.
+#: image alone vs 1.4 s per image in batches of 8; SAM 2 Hiera-T at 1024 pixels 2.6 s alone vs
+#: 3.2 s per image in pairs), as batched activations no longer fit the CPU caches, and SAM's
+#: ViT-B at 1024 pixels takes about 3 GB of memory per image in one call. GPUs gain from batching.
 DEFAULT_ENCODE_BATCH = {"cpu": 1, "cuda": 8, "mps": 4}
 
 

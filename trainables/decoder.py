@@ -17,12 +17,11 @@ Conventions, each a decision a reviewer should know:
   thresholded at logit 0.
 - The loss is computed at the original resolution as well, on the same logits the metrics see,
   so the objective and the score agree (and a `box_per_component` union is formed in the frame it
-  is scored in). Its cost was measured against the alternative, a loss on the decoder's 256x256
-  output with the mask resized into that frame: for LiteMedSAM on 128-pixel slices the
-  original-resolution loss is the cheaper one (about 3 ms per batch of 8, against about 1.3 s for
-  the decoder step); for SAM/SAM 2 at 1024 pixels the resize chain costs 0.03-0.36 s per batch of 8
-  (up to 15 % of a step, worst for SAM's 256 -> 1024 -> 128 pixel chain), a price paid for
-  scoring what is trained.
+  is scored in). The alternative, a loss on the decoder's 256 x 256 output with the mask resized
+  into that frame, would save little: measured on this project's 2-core CPU, a decoder training
+  step on 8 images costs 1.2 s, the loss at 256 x 256 5 ms (0.4 %), the upsampling plus loss at
+  the original size 4-26 ms for LiteMedSAM and SAM 2 (128-512 pixel masks, 0.3-2 %) and 52-82 ms
+  for SAM-family models at 1024 pixels (whose chain goes 256 -> 1024 -> H x W; 4-7 %).
 - `box_per_component` gives several boxes for one image: each box is decoded as its own row
   and the image's logits are the element-wise maximum over its rows (the union of the masks).
 - Multimask `best_iou` decodes three masks per row and keeps the one with the highest predicted
@@ -283,8 +282,8 @@ class EncoderInTheLoop:
     usual fine-tuning scripts do, and the baseline of benchmarks/cache_speedup.py.
 
     The batch's images are read from the prepared store and encoded together, or in chunks of at
-    most `max_batch` images (SAM's ViT-B at 1024 pixels needs about 2.5 GB of CPU memory per image
-    in one call). The features are rounded to float16 exactly as cache entries are, so a
+    most `max_batch` images (SAM's ViT-B at 1024 pixels needs about 3 GB of CPU memory per image in
+    one call). The features are rounded to float16 exactly as cache entries are, so a
     fine-tune fed by this source trains on the same numbers as one fed by the cache.
     """
 

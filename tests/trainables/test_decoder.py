@@ -59,6 +59,7 @@ def real_runs(phantom_dataset, litemedsam_weights):
     return runs, epochs_seen
 
 
+@pytest.mark.slow
 def test_zero_shot_box_dice_is_well_above_chance(real_runs):
     runs, _ = real_runs
     box = runs["box"]
@@ -67,6 +68,7 @@ def test_zero_shot_box_dice_is_well_above_chance(real_runs):
     assert box.summary["test_dice"] > ZERO_SHOT_BOX_DICE_FLOOR
 
 
+@pytest.mark.slow
 def test_center_point_fine_tuning_raises_test_dice_above_zero_shot(real_runs):
     runs, epochs_seen = real_runs
     zero_shot, tuned = runs["center"].summary["test_dice"], runs["finetune"].summary["test_dice"]
@@ -80,6 +82,7 @@ def test_center_point_fine_tuning_raises_test_dice_above_zero_shot(real_runs):
     assert runs["finetune"].summary["val_dice"] == max(row["val_dice"] for row in history) == history[best - 1]["val_dice"]
 
 
+@pytest.mark.slow
 def test_per_image_rows_and_summary_agree(real_runs, phantom_dataset):
     runs, _ = real_runs
     _, dataset = phantom_dataset
@@ -96,6 +99,7 @@ def test_per_image_rows_and_summary_agree(real_runs, phantom_dataset):
     assert result.summary["test_miou"] == pytest.approx(np.mean([row["miou"] for row in result.per_image]))
 
 
+@pytest.mark.slow
 def test_each_eval_prompt_gets_rows_and_eval_prompts_are_the_same_in_every_trial(real_runs):
     runs, _ = real_runs
     rows = runs["center"].per_image
@@ -106,6 +110,7 @@ def test_each_eval_prompt_gets_rows_and_eval_prompts_are_the_same_in_every_trial
     assert {row["image_id"]: row["dice"] for row in rows[8:]} == box_trial
 
 
+@pytest.mark.slow
 def test_features_from_the_encoder_in_the_loop_equal_the_cached_ones(phantom_dataset, litemedsam_weights, real_runs):
     config, dataset = phantom_dataset
     spec = TrialSpec(trial_id="x", backbone="litemedsam", weights=litemedsam_weights)
