@@ -118,3 +118,13 @@ READERS: dict[str, Callable[[], Reader]] = {
     "folder": _folder,
     "phantom": _phantom,
 }
+
+
+def unique_subjects(entries: list[SubjectEntry], folder_of) -> list[SubjectEntry]:
+    """Prefix a subject name with its split folder (`folder_of(entry)`) where two folders share it."""
+    counts: dict[str, int] = {}
+    for entry in entries:
+        counts[entry.subject] = counts.get(entry.subject, 0) + 1
+    return [SubjectEntry(f"{folder_of(e)}/{e.subject}", e.files, e.split, e.extra) if counts[e.subject] > 1 else e
+            for e in entries]
+

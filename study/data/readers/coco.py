@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as coco_mask
 
-from study.data.readers import is_hidden, require_root
+from study.data.readers import is_hidden, require_root, unique_subjects
 from study.data.readers.folder import is_picture, read_picture
 from study.data.regions import split_from_folder
 from study.data.volume import SubjectEntry, Volume
@@ -188,15 +188,7 @@ class CocoReader:
                 f"The dataset at {root} is empty: its annotation files list no images. The coco reader "
                 f"expects {LAYOUT}"
             )
-        counts: dict[str, int] = {}
-        for entry in entries:
-            counts[entry.subject] = counts.get(entry.subject, 0) + 1
-        return [
-            SubjectEntry(f"{e.extra['image'].parent.name}/{e.subject}", e.files, e.split, e.extra)
-            if counts[e.subject] > 1
-            else e
-            for e in entries
-        ]
+        return unique_subjects(entries, lambda e: e.extra['image'].parent.name)
 
     def _folder_entries(self, folder: Path, split: str | None) -> list[SubjectEntry]:
         annotation_path = folder / ANNOTATION_FILE

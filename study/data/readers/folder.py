@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from study.data.readers import is_hidden, require_root, volume_slice_ids
+from study.data.readers import is_hidden, require_root, unique_subjects, volume_slice_ids
 from study.data.readers.nifti import (
     check_same_grid,
     corrupt_file_error,
@@ -155,15 +155,7 @@ class FolderReader:
                 f"The dataset at {root} is empty: its images/ folders hold no pictures or NIfTI files. The "
                 f"folder reader expects {LAYOUT}"
             )
-        counts: dict[str, int] = {}
-        for entry in entries:
-            counts[entry.subject] = counts.get(entry.subject, 0) + 1
-        return [
-            SubjectEntry(f"{e.extra['folder']}/{e.subject}", e.files, e.split, e.extra)
-            if counts[e.subject] > 1
-            else e
-            for e in entries
-        ]
+        return unique_subjects(entries, lambda e: e.extra['folder'])
 
     def _pairs(self, folder: Path, split: str | None) -> list[SubjectEntry]:
         images_dir = folder / "images"
