@@ -12,9 +12,11 @@ from study.data.prepare import PreparedDataset, prepare_dataset
 def phantom_dataset(tmp_path_factory) -> tuple[StudyConfig, PreparedDataset]:
     """A small prepared phantom, made once per session: (config, PreparedDataset).
 
-    The phantom reader's 8 subjects (generated under the fixture's folder), whole tumour on axial
-    slices with at least 50 pixels, subjects split 4 train / 2 val / 2 test, at most 8 slices per
-    split (128 x 128 pixels), one augmented view per training slice. `config.cache_dir` is the
+    The phantom reader's 8 subjects (generated under the fixture's folder), whole tumour, axial
+    slices (128 x 128 pixels), subjects split 4 train / 2 val / 2 test. Train and val: slices with
+    at least 50 pixels, 8 per split (limit), one augmented view per training slice. Test: the
+    limit takes whole subjects, so one test subject with every slice that holds tumour (12 slices,
+    some under 50 pixels). `config.cache_dir` is the
     fixture's own cache folder (prepared store and embeddings); treat the store as read-only.
     """
     base = tmp_path_factory.mktemp("phantom_dataset")

@@ -2,18 +2,28 @@
 
 `prepare_dataset(config)` reads the dataset with its reader, then per subject: normalises each
 modality over the whole volume (`study.data.intensity`), cuts slices along `data.slicing.axis`
-(`study.data.slicing`), keeps the slices with enough target (`min_area`, `keep_empty`), composes
-three channels (`study.data.channels`), and assigns the subject to one split
-(`study.data.splits`). Every kept slice is written as view 0; each training slice also gets
-`data.augment.views` augmented views 1..K (`study.data.augment`); `data.limit` caps the slices
-per split (a seeded choice). `plan_dataset(config)` computes the same plan from the label data
-alone, for the dry run, and writes nothing (except that the phantom reader generates its data).
+(`study.data.slicing`), assigns the subject to one split (`study.data.splits`), keeps the
+slices it needs, and composes three channels (`study.data.channels`). A train or val subject
+keeps the slices with enough target (`min_area`, plus `keep_empty` empty ones); a test subject
+keeps every slice with at least one target pixel and no empty slice, whatever min_area says, so
+that its slices stacked again are its whole 3D target and per-subject metrics are 3D metrics.
+Every kept slice is written as view 0; each training slice also gets `data.augment.views`
+augmented views 1..K (`study.data.augment`). `data.limit` caps the slices per split: train and
+val keep a seeded choice of `limit` slices; test keeps whole subjects, taken in a seeded order
+while the total stays within `limit` (at least one subject, even one with more slices), so no
+test subject loses part of its slices. `plan_dataset(config)` computes the same plan from the
+label data alone, for the dry run, and writes nothing (except that the phantom reader generates
+its data).
 
 Layout of a store, `<cache_dir>/prepared/<KEY>/`:
 
     index.json               {"format", "key", "settings", "plan", "records": [SliceRecord…]}
     train/00012_BRATS_001_z077_v0.npz   image uint8 (H, W, 3), mask uint8 (H, W) in {0, 1}
     val/…  test/…
+
+Image ids (`SliceRecord.image_id`) are unique across the store: a volume slice is `SUBJ:z077`, a
+2D image its file name, prefixed with its split folder where two split folders hold the same
+name (`train/case_001.png`, `test/case_001.png`). `(image_id, view)` names one record.
 
 KEY is `<reader>-<16 hex digits>`: a SHA-256 over every preprocessing setting that changes the
 output (reader, root, target, channels, slicing, split, augment, limit, clip_percentiles, window,
@@ -52,7 +62,9 @@ from study.data.volume import SubjectEntry, Volume
 from study.errors import UserError
 
 #: Bumped whenever the store's layout or the preprocessing code changes what a store holds.
-STORE_FORMAT = 1
+#: 2: image ids unique across split folders, every target slice of a test subject kept (min_area
+#: and keep_empty filter train and val only), limit by whole test subjects, `slice_spacing`.
+STORE_FORMAT = 2
 INDEX_FILE = "index.json"
 
 
@@ -63,9 +75,14 @@ INDEX_FILE = "index.json"
 class SliceRecord:
     """One prepared 2D image: a slice (or 2D image) of one subject, in one view.
 
-    `image_id` names the source slice as results do (a 2D image's file name, or `SUBJ:z077`);
-    all views of a slice share it. `area` is the number of target pixels in this view's mask;
-    `spacing` the (row, col) pixel size in mm, None when unknown; `file` is relative to the store.
+    `image_id` names the source slice as results do, unique across the store: `SUBJ:z077` for a
+    volume slice (`y`/`x` for coronal/sagittal), a 2D image's file name, prefixed with its split
+    folder where two split folders hold the same name (`train/case_001.png`); all views of a
+    slice share it, so `(image_id, view)` names one record. `slice_index` is the slice's index
+    along the slicing axis. `area` is the number of target pixels in this view's mask; `spacing`
+    the (row, col) pixel size in mm, None when unknown; `slice_spacing` the distance between
+    neighbouring slices along the slicing axis in mm (z for axial, y for coronal, x for
+    sagittal), None for 2D images and when unknown; `file` is relative to the store.
     """
 
     image_id: str
@@ -78,11 +95,13 @@ class SliceRecord:
     height: int
     width: int
     file: str
+    slice_spacing: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> SliceRecord:
-        spacing = data.get("spacing")
-        return cls(**{**data, "spacing": None if spacing is None else tuple(float(s) for s in spacing)})
+        spacing, between = data.get("spacing"), data.get("slice_spacing")
+        return cls(**{**data, "spacing": None if spacing is None else tuple(float(s) for s in spacing),
+                      "slice_spacing": None if between is None else float(between)})
 
 
 @dataclass
@@ -90,9 +109,10 @@ class DatasetPlan:
     """What a prepare makes of a dataset: the dry run prints it, the store keeps it in index.json.
 
     `subjects` counts per split the subjects that keep at least one slice, `subjects_assigned`
-    every subject assigned to the split; `slices` counts the kept slices (view 0) after
-    min_area, keep_empty and limit; `images` the images written (slices times views: 1 + views
-    in train, 1 in val and test) — the encode jobs per backbone.
+    every subject assigned to the split; `slices` counts the kept slices (view 0): in train and
+    val those with area >= min_area plus keep_empty empty ones per subject, in test every slice
+    with a target pixel, then limit (test by whole subjects); `images` the images written
+    (slices times views: 1 + views in train, 1 in val and test) — the encode jobs per backbone.
     """
 
     reader: str
@@ -130,9 +150,12 @@ class DatasetPlan:
         lines = [
             f"data: {self.reader} at {self.root}",
             f"  target {self.target}; channels {self.strategy} ({', '.join(self.modalities)}); "
-            f"{self.axis} slices with area >= {max(self.min_area, 1)} px plus up to {self.keep_empty} "
-            f"empty per subject; {self.views} augmented views per training slice"
-            + (f"; at most {self.limit} slices per split" if self.limit else ""),
+            f"{self.views} augmented views per training slice",
+            f"  train/val: {self.axis} slices with area >= {max(self.min_area, 1)} px plus up to "
+            f"{self.keep_empty} empty per subject",
+            f"  test: every {self.axis} slice with a target pixel, no empty one (whole subjects)",
+            *([f"  limit: at most {self.limit} slices per split; test takes whole subjects in a seeded "
+               f"order while within it (at least one)"] if self.limit else []),
             f"  {'split':<6} {'subjects':>9} {'slices':>8} {'images':>8}",
         ]
         for split in SPLITS:
@@ -369,12 +392,17 @@ def _empty_split(subjects: dict[str, int]) -> dict[str, int]:
 
 
 def _plan(setup: _Setup, config: StudyConfig, progress: bool) -> tuple[DatasetPlan, list[_PlannedSlice]]:
-    """Read every subject's target mask, select slices, apply limit; the plan and its slices."""
+    """Read every subject's target mask, select slices, apply limit; the plan and its slices.
+
+    Train and val subjects keep the slices `select_slices` picks by min_area and keep_empty; a
+    test subject keeps every slice with a target pixel (and no empty slice), so that its test
+    slices are its whole 3D target.
+    """
     data, seed, reader = config.data, config.study.seed, setup.reader
     axis = data.slicing.axis
     volumetric_default = None
     planned: list[_PlannedSlice] = []
-    total_area, largest_slice = 0, 0
+    total_area, largest_slice = 0, 0  # largest_slice: over the train and val subjects
     for entry in tqdm(setup.entries, desc=f"scan {reader.name} labels", unit="subject", disable=not progress):
         mask, ids = _read(lambda: reader.load_mask(entry, setup.target), entry, "labels")
         volumetric = True
@@ -388,20 +416,28 @@ def _plan(setup: _Setup, config: StudyConfig, progress: bool) -> tuple[DatasetPl
         mask, ids = reorient_mask(np.asarray(mask, dtype=bool), ids, entry.subject, axis, volumetric)
         areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
         total_area += int(areas.sum())
-        largest_slice = max(largest_slice, int(areas.max(initial=0)))
-        rng = _rng(seed, "keep_empty", entry.subject)
-        for index in select_slices(areas, data.slicing.min_area, data.slicing.keep_empty, rng):
-            planned.append(_PlannedSlice(entry.subject, index, ids[index], setup.split_of[entry.subject],
-                                         int(areas[index])))
+        split = setup.split_of[entry.subject]
+        if split == "test":  # every slice with a target pixel, no empty one: the whole 3D target
+            kept = select_slices(areas, 1, 0, None)
+        else:
+            largest_slice = max(largest_slice, int(areas.max(initial=0)))
+            rng = _rng(seed, "keep_empty", entry.subject)
+            kept = select_slices(areas, data.slicing.min_area, data.slicing.keep_empty, rng)
+        for index in kept:
+            planned.append(_PlannedSlice(entry.subject, index, ids[index], split, int(areas[index])))
     if total_area == 0:
         raise _absent_target(setup)
-    if not planned:
+    if not any(p.split != "test" for p in planned):
         raise UserError(
-            f"No slices left after filtering: no {axis} slice of the {reader.name} dataset has a "
-            f"{setup.target} area of at least data.slicing.min_area = {data.slicing.min_area} pixels "
-            f"(the largest has {largest_slice}). Lower data.slicing.min_area (e.g. to "
-            f"{max(largest_slice // 2, 1)}) or set data.slicing.keep_empty to keep empty slices."
+            f"No training slices left after filtering: no {axis} slice of the {reader.name} dataset's "
+            f"train and val subjects has a {setup.target} area of at least data.slicing.min_area = "
+            f"{data.slicing.min_area} pixels (the largest has {largest_slice}). Lower "
+            f"data.slicing.min_area (e.g. to {max(largest_slice // 2, 1)}) or set "
+            f"data.slicing.keep_empty to keep empty slices."
         )
+    repeated = [image_id for image_id, n in Counter(p.image_id for p in planned).items() if n > 1]
+    if repeated:  # a reader bug: embeddings, prompts and results are keyed by the image id
+        raise ValueError(f"the {reader.name} reader gave two slices the image id {repeated[0]!r}")
     if data.limit is not None:
         planned = _apply_limit(planned, data.limit, seed)
 
@@ -412,9 +448,10 @@ def _plan(setup: _Setup, config: StudyConfig, progress: bool) -> tuple[DatasetPl
     assigned = Counter(setup.split_of.values())
     for split in SPLITS:
         if slices[split] == 0 and (fractions[split] > 0 or assigned[split] > 0):
+            least = "pixel" if split == "test" else f"slice of at least {max(data.slicing.min_area, 1)} px"
             warnings.append(
                 f"the {split} split has no slices ({assigned[split]} subjects assigned, none with a "
-                f"{setup.target} slice of at least {max(data.slicing.min_area, 1)} px)"
+                f"{setup.target} {least})"
             )
     plan = DatasetPlan(
         reader=reader.name,
@@ -441,7 +478,10 @@ def _plan(setup: _Setup, config: StudyConfig, progress: bool) -> tuple[DatasetPl
 
 
 def _apply_limit(planned: list[_PlannedSlice], limit: int, seed: int) -> list[_PlannedSlice]:
-    """At most `limit` slices per split, a seeded choice; the survivors keep their order."""
+    """At most `limit` slices per split (see `_limit_test_subjects` for test); survivors keep their order.
+
+    Train and val: a seeded choice of `limit` slices. Test: whole subjects, never part of one.
+    """
     by_split: dict[str, list[int]] = defaultdict(list)
     for position, item in enumerate(planned):
         by_split[item.split].append(position)
@@ -449,9 +489,28 @@ def _apply_limit(planned: list[_PlannedSlice], limit: int, seed: int) -> list[_P
     for split, positions in by_split.items():
         if len(positions) <= limit:
             keep.update(positions)
+        elif split == "test":
+            keep.update(_limit_test_subjects([(p, planned[p].subject) for p in positions], limit, seed))
         else:
             keep.update(int(p) for p in _rng(seed, "limit", split).choice(positions, size=limit, replace=False))
     return [item for position, item in enumerate(planned) if position in keep]
+
+
+def _limit_test_subjects(positions: list[tuple[int, str]], limit: int, seed: int) -> list[int]:
+    """The positions of whole test subjects: taken in a seeded order while the total stays within
+    `limit`, stopping at the first subject that would pass it; at least one subject, even when
+    that one alone has more than `limit` slices."""
+    by_subject: dict[str, list[int]] = defaultdict(list)
+    for position, subject in positions:
+        by_subject[subject].append(position)
+    order = sorted(by_subject)
+    chosen: list[int] = []
+    for index in _rng(seed, "limit", "test").permutation(len(order)):
+        slices = by_subject[order[int(index)]]
+        if chosen and len(chosen) + len(slices) > limit:
+            break
+        chosen.extend(slices)
+    return chosen
 
 
 def _absent_target(setup: _Setup) -> UserError:
@@ -578,7 +637,9 @@ def _write_slices(setup: _Setup, config: StudyConfig, planned: list[_PlannedSlic
         volume = reorient(volume, data.slicing.axis)
         planes = normalise_channels(volume.channels, volume.kind, setup.modalities,
                                     data.clip_percentiles, data.window)
+        # after `reorient`, spacing is (between slices, row, col) for every axis
         spacing = None if volume.spacing is None else (float(volume.spacing[1]), float(volume.spacing[2]))
+        slice_spacing = None if volume.spacing is None or not volume.volumetric else float(volume.spacing[0])
         for item in by_subject[entry.subject]:
             index = item.slice_index
             image = compose_image(setup.strategy, [planes[m][index] for m in setup.modalities])
@@ -598,6 +659,7 @@ def _write_slices(setup: _Setup, config: StudyConfig, planned: list[_PlannedSlic
                     image_id=image_id, subject=entry.subject, slice_index=index, split=item.split,
                     view=view, area=int(view_mask.sum()), spacing=spacing,
                     height=int(mask.shape[0]), width=int(mask.shape[1]), file=file,
+                    slice_spacing=slice_spacing,
                 ))
             number += 1
     return records

@@ -14,7 +14,10 @@ cut across, so only axial slicing is allowed there.
 
 `select_slices` keeps the slices whose target is large enough (seed 001 dropped slices whose
 tumour covers fewer than 250 pixels: small targets turn segmentation into detection and make
-Dice over-sensitive to single-pixel label noise) plus a few empty slices per subject.
+Dice over-sensitive to single-pixel label noise) plus a few empty slices per subject. The
+prepared store applies that to train and val subjects only; a test subject keeps every slice
+with a target pixel (`select_slices(areas, 1, 0, None)`), so that the slices stacked again
+are the subject's whole 3D target.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def reorient(volume: Volume, axis: str) -> Volume:
     """The Volume with every array re-indexed for `axis`, its slice ids and its spacing to match.
 
     Spacing (z, row, col) becomes (y, z, x) for coronal and (x, z, y) for sagittal: the spacing
-    between slices first, then the slice's row and column spacing.
+    between slices first, then the slice's row and column spacing (axial keeps (z, row, col)).
     """
     check_axis(axis, volume.volumetric, volume.subject)
     if axis == "axial":
@@ -85,12 +88,14 @@ def reorient(volume: Volume, axis: str) -> Volume:
     )
 
 
-def select_slices(areas: np.ndarray, min_area: int, keep_empty: int, rng: np.random.Generator) -> list[int]:
+def select_slices(areas: np.ndarray, min_area: int, keep_empty: int,
+                  rng: np.random.Generator | None) -> list[int]:
     """Indices (sorted) of the slices to keep, from each slice's target area in pixels.
 
     Kept: every slice with area >= max(min_area, 1), plus up to `keep_empty` slices with area 0,
     drawn without replacement by `rng` (all of them when there are fewer). Slices with
     0 < area < min_area are dropped: they are neither a usable target nor a true negative.
+    `rng` may be None when `keep_empty` is 0.
     """
     areas = np.asarray(areas)
     keep = np.flatnonzero(areas >= max(int(min_area), 1))

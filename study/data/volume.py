@@ -34,8 +34,11 @@ class Volume:
 
     `channels` maps normalised modality names (flair, t1, t1gd, t2w, ct, red, green, blue,
     grey) to float32 arrays of raw intensities; `mask` is bool; `slice_ids` names each slice
-    as it appears in results (a 2D image's file name, or `SUBJECT:z077` for a volume slice);
-    `spacing` is the voxel size (z, row, column) in mm when known; `kind` says how
+    as it appears in results, unique across the dataset (`SUBJECT:z077` for a volume slice; a
+    2D image's file name, prefixed with its split folder where two folders share that name,
+    see `study.data.readers.picture_id`; an LGG slice's file name, which carries the patient);
+    `spacing` is the voxel size (z, row, column) in mm when known (z the spacing between axial
+    slices); `kind` says how
     intensities are normalised: "mri" (percentile clipping), "ct" (HU window) or "rgb"
     (already display values, 0..255); `volumetric` is False for a stack of 2D images (COCO,
     LGG, folder of PNGs), which can only be sliced axially.

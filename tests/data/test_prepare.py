@@ -7,16 +7,20 @@ import multiprocessing
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
+from PIL import Image
 
 import study.data.prepare as prepare_module
 from study.config import StudyConfig
 from study.data.intensity import percentile_clip
 from study.data.prepare import SliceRecord, open_prepared, plan_dataset, prepare_dataset, publish_store
 from study.data.readers import READERS
+from study.data.regions import MSD_BRAIN_LABELS
 from study.data.splits import split_subjects
 from study.data.volume import SubjectEntry, Volume
 from study.errors import UserError
@@ -119,22 +123,24 @@ def test_records_match_the_data(tmp_path):
     assert not dataset.reused and dataset.root == prepared_dir(tmp_path) / dataset.key
     assert dataset.key.startswith("fake-")
 
-    # 6 subjects, val 0.2 and test 0.2 -> 1 val, 1 test, 4 train; slices 3 and 4 (areas 20, 36) kept
+    # 6 subjects, val 0.2 and test 0.2 -> 1 val, 1 test, 4 train; train and val keep slices 3 and 4
+    # (areas 20, 36 >= min_area 10), the test subject every slice with a target pixel: 2, 3 and 4
     entries = FakeReader().index(root)
     expected_split = split_subjects(entries, 0.2, 0.2, seed=0)
     assert sorted(expected_split.values()).count("train") == 4
     view0 = {split: dataset.records_for(split) for split in ("train", "val", "test")}
-    assert {s: len(r) for s, r in view0.items()} == {"train": 8, "val": 2, "test": 2}
+    assert {s: len(r) for s, r in view0.items()} == {"train": 8, "val": 2, "test": 3}
     assert len(dataset.records_for("train", views=True)) == 8 * 3
-    assert len(dataset.records) == 8 * 3 + 2 + 2
+    assert len(dataset.records) == 8 * 3 + 2 + 3
 
     subject_splits: dict[str, set] = {}
     for record in dataset.records:
         subject_splits.setdefault(record.subject, set()).add(record.split)
         assert record.split == expected_split[record.subject]
-        assert record.slice_index in (3, 4)
+        assert record.slice_index in ((2, 3, 4) if record.split == "test" else (3, 4))
         assert record.image_id == f"{record.subject}:z{record.slice_index:03d}"
         assert record.spacing == (1.5, 2.0) and (record.height, record.width) == (SIDE, SIDE)
+        assert record.slice_spacing == 3.0  # the volume's z spacing
         assert (dataset.root / record.file).is_file()
         assert record.view in ((0, 1, 2) if record.split == "train" else (0,))
         image, mask = dataset.load(record)
@@ -156,7 +162,9 @@ def test_records_match_the_data(tmp_path):
 
     index = json.loads((dataset.root / "index.json").read_text())
     assert index["key"] == dataset.key and index["settings"]["augment"]["views"] == 2
-    assert index["plan"]["slices"] == {"train": 8, "val": 2, "test": 2}
+    assert index["plan"]["slices"] == {"train": 8, "val": 2, "test": 3}
+    assert index["format"] == prepare_module.STORE_FORMAT == 2
+    assert all(r["slice_spacing"] == 3.0 for r in index["records"])  # stored, and read back above
     reopened = open_prepared(dataset.root)
     assert reopened.records == dataset.records and reopened.reused
     assert isinstance(reopened.records[0], SliceRecord)
@@ -175,7 +183,7 @@ def test_second_prepare_is_reused_without_reading_anything(tmp_path, monkeypatch
     second = prepare_dataset(config(tmp_path, root), progress=False)
     assert second.reused and second.key == first.key and second.records == first.records
     plan = plan_dataset(config(tmp_path, root), progress=False)
-    assert plan.prepared and plan.key == first.key and plan.slices == {"train": 8, "val": 2, "test": 2}
+    assert plan.prepared and plan.key == first.key and plan.slices == {"train": 8, "val": 2, "test": 3}
 
 
 def test_key_follows_settings_and_input_files(tmp_path):
@@ -200,8 +208,9 @@ def test_plan_counts_match_the_store_and_plan_writes_nothing(tmp_path):
     plan = plan_dataset(cfg, progress=False)
     assert not (tmp_path / "cache").exists()
     assert FakeReader.loads == 0 and FakeReader.mask_loads == 6
-    # per subject: slices 3 and 4, plus one of the tumour-free slices 0, 1, 5 (slice 0 holds only
-    # label 2, which is not the target); slice 2 has 4 px < min_area: neither empty nor large enough
+    # per train/val subject: slices 3 and 4, plus one of the tumour-free slices 0, 1, 5 (slice 0
+    # holds only label 2, which is not the target); slice 2 has 4 px < min_area: neither empty nor
+    # large enough. The test subject: every slice with a target pixel (2, 3, 4), no empty one.
     assert plan.slices == {"train": 12, "val": 3, "test": 3}
     assert plan.images == {"train": 24, "val": 3, "test": 3}
     assert plan.subjects == {"train": 4, "val": 1, "test": 1}
@@ -212,13 +221,21 @@ def test_plan_counts_match_the_store_and_plan_writes_nothing(tmp_path):
         assert len(dataset.records_for(split)) == plan.slices[split]
         assert len(dataset.records_for(split, views=True)) == plan.images[split]
     assert {r.slice_index for r in dataset.records if r.area == 0} <= {0, 1, 5}
+    assert [(r.slice_index, r.area) for r in dataset.records_for("test")] == [(2, 4), (3, 20), (4, 36)]
+    description = plan.describe()
+    assert "train/val: axial slices with area >= 10 px plus up to 1 empty" in description
+    assert "test: every axial slice with a target pixel, no empty one" in description
+    assert "  limit:" not in description
 
 
 def test_limit_caps_slices_per_split(tmp_path):
     root = make_dataset(tmp_path / "data", subjects=10)
     dataset = prepare_dataset(config(tmp_path, root, limit=3, augment={"views": 1}), progress=False)
     counts = {split: len(dataset.records_for(split)) for split in ("train", "val", "test")}
-    assert counts == {"train": 3, "val": 3, "test": 3}  # 12, 4 and 4 slices before the limit
+    # 12, 4 and 6 slices before the limit; test keeps whole subjects: one of its two (3 slices each)
+    assert counts == {"train": 3, "val": 3, "test": 3}
+    test = dataset.records_for("test")
+    assert len({r.subject for r in test}) == 1 and [r.slice_index for r in test] == [2, 3, 4]
     assert len(dataset.records_for("train", views=True)) == 6
     again = prepare_dataset(config(tmp_path, root, limit=3, augment={"views": 1}), progress=False)
     assert again.reused and again.records == dataset.records
@@ -239,10 +256,82 @@ def test_coronal_slices(tmp_path):
                                      split={"val": 0, "test": 0}), progress=False)
     record = dataset.records[0]
     assert record.image_id.startswith(f"{record.subject}:y") and (record.height, record.width) == (DEPTH, SIDE)
-    assert record.spacing == (3.0, 2.0)
+    assert record.spacing == (3.0, 2.0) and record.slice_spacing == 1.5  # (z, x) in the slice, y between
     labels = np.load(root / f"{record.subject}.npz")["labels"]
     _, mask = dataset.load(record)
     assert (mask == (labels[:, record.slice_index, :] == 1)).all()
+
+
+def test_limit_keeps_whole_test_subjects(tmp_path):
+    """Test subjects are taken whole, in a seeded order, while the total stays within the limit."""
+    root = make_dataset(tmp_path / "data", subjects=10)  # 2 test subjects, slices 2, 3, 4 each
+    for limit, subjects in ((5, 1), (6, 2), (2, 1)):  # 2: one subject, although it has 3 slices
+        test = prepare_dataset(config(tmp_path, root, limit=limit), progress=False).records_for("test")
+        by_subject = Counter(r.subject for r in test)
+        assert len(by_subject) == subjects and set(by_subject.values()) == {3}, (limit, by_subject)
+    train = prepare_dataset(config(tmp_path, root, limit=5), progress=False).records_for("train")
+    assert len(train) == 5  # train still keeps a choice of single slices
+    plan = plan_dataset(config(tmp_path, root, limit=5), progress=False)
+    assert "limit: at most 5 slices per split; test takes whole subjects" in plan.describe()
+
+
+def _write_shared_name_folder(root: Path) -> None:
+    """train/ holds case_001..003, test/ case_001 (other content, other mask) and case_004."""
+    rng = np.random.default_rng(0)
+    for split, names in (("train", ("case_001", "case_002", "case_003")), ("test", ("case_001", "case_004"))):
+        for n, name in enumerate(names):
+            picture = rng.integers(0, 255, size=(12, 12), dtype=np.uint8)
+            mask = np.zeros((12, 12), np.uint8)
+            mask[2:6 + n + (split == "test"), 3:9] = 1
+            for folder, array in (("images", picture), ("masks", mask)):
+                (root / split / folder).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(root / split / folder / f"{name}.png")
+
+
+def _write_shared_name_coco(root: Path) -> None:
+    """The same file names as `_write_shared_name_folder`, as a COCO export with polygons."""
+    rng = np.random.default_rng(1)
+    categories = [{"id": 1, "name": "tumor", "supercategory": "none"}]
+    for split, names in (("train", ("case_001", "case_002", "case_003")), ("test", ("case_001", "case_004"))):
+        (root / split).mkdir(parents=True)
+        images, annotations = [], []
+        for n, name in enumerate(names):
+            Image.fromarray(rng.integers(0, 255, size=(12, 12, 3), dtype=np.uint8)).save(root / split / f"{name}.png")
+            images.append({"id": n, "file_name": f"{name}.png", "height": 12, "width": 12})
+            side = 4 + n + (split == "test")
+            annotations.append({"id": n, "image_id": n, "category_id": 1, "iscrowd": 0,
+                                "segmentation": [[2, 2, 2 + side, 2, 2 + side, 2 + side, 2, 2 + side]]})
+        (root / split / "_annotations.coco.json").write_text(
+            json.dumps({"categories": categories, "images": images, "annotations": annotations}))
+
+
+@pytest.mark.parametrize("reader, write", [("folder", _write_shared_name_folder), ("coco", _write_shared_name_coco)])
+def test_image_ids_are_unique_across_split_folders(tmp_path, reader, write):
+    """train/case_001.png and test/case_001.png are two images: two ids, two records, two embeddings."""
+    root = tmp_path / "data"
+    write(root)
+    dataset = prepare_dataset(config(tmp_path, root, reader=reader, slicing={"min_area": 0},
+                                     split={"val": 0.34, "test": 0.2}, augment={"views": 1}), progress=False)
+    ids = {r.image_id: r for r in dataset.records if r.view == 0}
+    assert set(ids) == {"train/case_001.png", "test/case_001.png", "case_002.png", "case_003.png",
+                        "case_004.png"}
+    assert ids["train/case_001.png"].split != "test" and ids["test/case_001.png"].split == "test"
+    assert ids["train/case_001.png"].subject == "train/case_001"
+    train_image, train_mask = dataset.load(ids["train/case_001.png"])
+    test_image, test_mask = dataset.load(ids["test/case_001.png"])
+    assert (train_image != test_image).any() and train_mask.sum() != test_mask.sum()
+    keys = [(r.image_id, r.view) for r in dataset.records]
+    assert len(keys) == len(set(keys)) == 5 + sum(1 for r in dataset.records_for("train"))
+    assert all(r.slice_spacing is None and r.spacing is None for r in dataset.records)  # 2D pictures
+
+
+def test_a_reader_giving_two_slices_one_id_is_a_bug(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "data", subjects=3)
+    real = FakeReader.load_mask
+    monkeypatch.setattr(FakeReader, "load_mask", lambda self, entry, target: (
+        real(self, entry, target)[0], [f"z{z:03d}" for z in range(DEPTH)]))  # ids without the subject
+    with pytest.raises(ValueError, match="two slices the image id 'z003'"):
+        plan_dataset(config(tmp_path, root), progress=False)
 
 
 # --- atomic writes -------------------------------------------------------------------------------
@@ -280,7 +369,7 @@ def test_stale_temp_folders_are_ignored(tmp_path):
     stale.mkdir(parents=True)
     (stale / "junk.npz").write_bytes(b"half a file")
     dataset = prepare_dataset(config(tmp_path, root), progress=False)
-    assert dataset.key == key and not dataset.reused and len(dataset.records) == 12
+    assert dataset.key == key and not dataset.reused and len(dataset.records) == 13
     assert stale.is_dir()  # left alone: a killed process's leftovers are never read
 
 
@@ -299,7 +388,7 @@ def test_losing_a_concurrent_prepare_uses_the_winners_store(tmp_path, monkeypatc
     dataset = prepare_dataset(config(tmp_path, root), progress=False)
     assert (dataset.root / "winner").is_file() and dataset.reused  # this call's store was discarded
     assert [p.name for p in prepared_dir(tmp_path).iterdir()] == [dataset.key]
-    assert len(dataset.records) == 12
+    assert len(dataset.records) == 13
 
 
 def _prepare_in_child(cfg, results):
@@ -405,7 +494,8 @@ def test_phantom_end_to_end(tmp_path, small_phantom):
         assert len(dataset.records_for(split)) == plan.slices[split] > 0
     record = dataset.records_for("test")[0]
     assert record.image_id.startswith("BRATS_") and ":z" in record.image_id
-    assert record.spacing == (1.5, 1.5) and record.area >= 50
+    assert record.spacing == (1.5, 1.5) and record.slice_spacing == 3.0 and record.area > 0
+    assert all(r.area >= 50 for r in dataset.records_for("train") + dataset.records_for("val"))
     image, mask = dataset.load(record)
     assert image.shape == (record.height, record.width, 3) and mask.sum() == record.area
     assert all(image[..., c].max() == 255 for c in range(3))  # pca components are min-max scaled
@@ -426,3 +516,49 @@ def test_phantom_is_generated_into_the_default_root(tmp_path, small_phantom, mon
     plan = plan_dataset(config(tmp_path, None, reader="phantom", target=None), progress=False)
     assert generated == [tmp_path / "cache" / "phantom"] and plan.root == str(tmp_path / "cache" / "phantom")
     assert sum(plan.subjects_assigned.values()) == 3
+
+
+def _target_slices(label_path: Path, region: str) -> list[int]:
+    """The axial slice indices (z of the NIfTI's (X, Y, Z)) holding a voxel of `region`."""
+    labels = np.asarray(nib.load(label_path).dataobj)
+    target = np.isin(labels, MSD_BRAIN_LABELS[region])
+    return [int(z) for z in np.flatnonzero(target.any(axis=(0, 1)))]
+
+
+def test_every_target_slice_of_a_test_subject_is_kept(phantom_dataset):
+    """Test subjects keep every slice with a target voxel (min_area filters train and val only),
+    whole subjects even under data.limit; the records carry the NIfTI header's slice spacing."""
+    config, dataset = phantom_dataset
+    entries = {e.subject: e for e in READERS["phantom"]().index(config.data.root)}
+    split_of = split_subjects(list(entries.values()), config.data.split.val, config.data.split.test,
+                              config.study.seed)
+    test = dataset.records_for("test")
+    assert test and {r.subject for r in test} <= {s for s, split in split_of.items() if split == "test"}
+    for subject in {r.subject for r in test}:
+        expected = _target_slices(entries[subject].extra["label"], config.data.target)
+        kept = sorted(r.slice_index for r in test if r.subject == subject)
+        assert kept == expected, subject  # every target slice, none empty: some are under min_area
+    assert min(r.area for r in test) > 0
+    assert min(r.area for r in test) < config.data.slicing.min_area  # the phantom has such slices
+    # data.limit (8) takes whole test subjects: the first one has more than 8 target slices
+    assert len(test) > config.data.limit and len({r.subject for r in test}) == 1
+    for split in ("train", "val"):
+        records = dataset.records_for(split)
+        assert records and all(r.area >= config.data.slicing.min_area for r in records)
+        assert len(records) == config.data.limit
+    for record in dataset.records:
+        zooms = nib.load(entries[record.subject].extra["label"]).header.get_zooms()
+        assert record.slice_spacing == pytest.approx(float(zooms[2])) == 3.0
+        assert record.spacing == pytest.approx((float(zooms[1]), float(zooms[0])))
+
+
+def test_without_a_limit_every_test_subject_keeps_all_its_target_slices(phantom_dataset):
+    """The plan (label data only) of the fixture's phantom without data.limit: both test subjects whole."""
+    config, _ = phantom_dataset
+    unlimited = config.model_copy(update={"data": config.data.model_copy(update={"limit": None})})
+    plan = plan_dataset(unlimited, progress=False)
+    entries = READERS["phantom"]().index(config.data.root)
+    split_of = split_subjects(entries, config.data.split.val, config.data.split.test, config.study.seed)
+    test = [e for e in entries if split_of[e.subject] == "test"]
+    assert plan.subjects["test"] == len(test) == 2
+    assert plan.slices["test"] == sum(len(_target_slices(e.extra["label"], config.data.target)) for e in test)

@@ -562,3 +562,30 @@ def test_folder_errors(tmp_path):
     user_error(lambda: reader.load(entry, "all"), "Shape mismatch", tmp_path / "three" / "images" / "a.png")
     (tmp_path / "three" / "masks" / "a.png").write_bytes(b"not a png")
     user_error(lambda: reader.load_mask(entry, "all"), tmp_path / "three" / "masks" / "a.png", "corrupt")
+
+
+def test_image_ids_carry_the_split_folder_where_two_folders_share_a_name(tmp_path):
+    """One rule for every 2D reader: the (unique) subject name plus the file suffix."""
+    for split in ("train", "test"):
+        write_picture(tmp_path / "pictures" / split / "images" / "case_001.png", np.zeros((4, 4), np.uint8))
+        write_picture(tmp_path / "pictures" / split / "masks" / "case_001.png", np.ones((4, 4), np.uint8))
+        write_nifti(tmp_path / "volumes" / split / "images" / "ct_07.nii.gz", coded_image(0))
+        write_nifti(tmp_path / "volumes" / split / "masks" / "ct_07.nii.gz", labels_with_counts({1: 3}))
+    write_picture(tmp_path / "pictures" / "test" / "images" / "case_002.png", np.zeros((4, 4), np.uint8))
+    write_picture(tmp_path / "pictures" / "test" / "masks" / "case_002.png", np.ones((4, 4), np.uint8))
+    reader = READERS["folder"]()
+    ids = {e.subject: reader.load_mask(e, "all")[1] for e in reader.index(tmp_path / "pictures")}
+    assert ids == {"train/case_001": ["train/case_001.png"], "test/case_001": ["test/case_001.png"],
+                   "case_002": ["case_002.png"]}
+    ids = {e.subject: reader.load_mask(e, "all")[1][0] for e in reader.index(tmp_path / "volumes")}
+    assert ids == {"train/ct_07": "train/ct_07:z000", "test/ct_07": "test/ct_07:z000"}
+
+    for split in ("train", "valid"):
+        write_picture(tmp_path / "coco" / split / "a.png", np.zeros((10, 12), np.uint8))
+        (tmp_path / "coco" / split / "_annotations.coco.json").write_text(json.dumps({
+            "categories": [{"id": 1, "name": "tumor"}], "annotations": [],
+            "images": [{"id": 0, "file_name": "a.png", "height": 10, "width": 12}],
+        }))
+    coco = READERS["coco"]()
+    assert sorted(coco.load_mask(e, "all")[1][0] for e in coco.index(tmp_path / "coco")) == [
+        "train/a.png", "valid/a.png"]

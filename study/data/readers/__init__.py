@@ -66,6 +66,17 @@ def volume_slice_ids(subject: str, depth: int) -> list[str]:
     return [f"{subject}:z{z:03d}" for z in range(depth)]
 
 
+def picture_id(entry: SubjectEntry, path: Path | str) -> str:
+    """The image id of a 2D picture that is its own subject: the subject name plus the file suffix.
+
+    The subject name is already unique across split folders (`unique_subjects`), so the id is
+    too: `case_001.png` where only one folder holds that file, `train/case_001.png` and
+    `test/case_001.png` where two split folders share it. Embedding caches, prompt files and
+    results key images by this id, so two different pictures never share one.
+    """
+    return f"{entry.subject}{Path(path).suffix}"
+
+
 def _coco() -> Reader:
     from study.data.readers.coco import CocoReader
 
@@ -121,7 +132,11 @@ READERS: dict[str, Callable[[], Reader]] = {
 
 
 def unique_subjects(entries: list[SubjectEntry], folder_of) -> list[SubjectEntry]:
-    """Prefix a subject name with its split folder (`folder_of(entry)`) where two folders share it."""
+    """Prefix a subject name with its split folder (`folder_of(entry)`) where two folders share it.
+
+    The one place names are made unique: volume slice ids (`volume_slice_ids`) and 2D image ids
+    (`picture_id`) are built from the subject name, so they are unique across folders too.
+    """
     counts: dict[str, int] = {}
     for entry in entries:
         counts[entry.subject] = counts.get(entry.subject, 0) + 1

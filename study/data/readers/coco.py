@@ -6,7 +6,9 @@ Layout (`valid/` and `val/` both become the `val` split; a single folder without
     valid/_annotations.coco.json   valid/<image files>
     test/_annotations.coco.json    test/<image files>
 
-Every image is a subject with one slice, named by its file name. Masks are rasterised with
+Every image is a subject with one slice, named by its file stem; its image id is the file name
+(`case_001.png`), prefixed with the split folder where two folders hold the same name
+(`train/case_001.png`, `test/case_001.png`; see `study.data.readers.picture_id`). Masks are rasterised with
 pycocotools from polygons, uncompressed RLE (`counts` as a list) or compressed RLE; an image
 with no annotations has an empty mask. Targets: `all` (every annotation), or a category name,
 which also takes the categories filed under it as their supercategory: Roboflow lists the
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as coco_mask
 
-from study.data.readers import is_hidden, require_root, unique_subjects
+from study.data.readers import is_hidden, picture_id, require_root, unique_subjects
 from study.data.readers.folder import is_picture, read_picture
 from study.data.regions import split_from_folder
 from study.data.volume import SubjectEntry, Volume
@@ -244,7 +246,7 @@ class CocoReader:
         for annotation in parsed.annotations[entry.extra["image_id"]]:
             if selected is None or annotation["category_id"] in selected:
                 mask |= annotation_mask(annotation, height, width, parsed.path)
-        return mask[None], [Path(image["file_name"]).name]
+        return mask[None], [picture_id(entry, image["file_name"])]
 
     def load(self, entry: SubjectEntry, target: str) -> Volume:
         mask, slice_ids = self.load_mask(entry, target)

@@ -7,7 +7,10 @@ Layout (optionally inside split folders `train/`, `val/` or `valid/`, `test/` un
 
 `labels/` may stand in for `masks/`. Pairs are matched by file stem; a mask stem may carry a
 `_mask`, `_seg` or `_label` suffix (`case_001_mask.png`). A 2D pair is a subject with one slice
-(`volumetric=False`), a NIfTI pair a volume. Targets: `all` (every non-zero mask value) or
+(`volumetric=False`), a NIfTI pair a volume. Subjects are named by the image stem, prefixed with
+the split folder where two folders hold the same stem (`train/case_001`); a picture's image id is
+that name plus its suffix (`case_001.png`, or `train/case_001.png` and `test/case_001.png`), a
+volume's slices are `ct_07:z000`, …. Targets: `all` (every non-zero mask value) or
 `label_N` (mask value N).
 
 Each `Volume` says how to normalise it: 8-bit pictures come as `rgb` (display values), 16-bit
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from study.data.readers import is_hidden, require_root, unique_subjects, volume_slice_ids
+from study.data.readers import is_hidden, picture_id, require_root, unique_subjects, volume_slice_ids
 from study.data.readers.nifti import (
     check_same_grid,
     corrupt_file_error,
@@ -259,7 +262,7 @@ class FolderReader:
         mask = labels != 0 if target == "all" else labels == int(match.group(1))
         if entry.extra["volumetric"]:
             return mask, volume_slice_ids(entry.subject, mask.shape[0])
-        return mask, [entry.extra["image"].name]
+        return mask, [picture_id(entry, entry.extra["image"])]
 
     def load(self, entry: SubjectEntry, target: str) -> Volume:
         mask, slice_ids = self.load_mask(entry, target)
