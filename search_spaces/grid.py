@@ -1,8 +1,9 @@
 """Grid cells: the categorical factors of `grid.yaml` crossed into the trials of a study.
 
 Every algorithm keeps the categorical factors a full factorial grid, so that paired comparisons
-between the levels of a factor stay balanced; `search.num_samples` is the number of trials per
-cell (repeats for `grid`, draws of the continuous ranges for `random` and `optuna`).
+between the levels of a factor stay balanced. A cell holds one configuration for `grid` and
+`search.num_samples` draws of the continuous ranges for `random` and `optuna`; every
+configuration is trained `search.seeds` times (training seeds 0..seeds-1), each its own trial.
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ def grid_cells(config: StudyConfig) -> list[dict]:
     return [dict(zip(names, levels)) for levels in itertools.product(*(axes[n] for n in names))]
 
 
-def count_trials(config: StudyConfig) -> int:
-    """Trials in the study: grid cells times `search.num_samples`."""
+def count_configurations(config: StudyConfig) -> int:
+    """Configurations in the study: grid cells, times `search.num_samples` for random and optuna."""
     cells = 1
     for levels in config.factors.categorical_axes().values():
         cells *= len(levels)
-    return cells * config.search.num_samples
+    return cells * (1 if config.search.algorithm == "grid" else config.search.num_samples)
+
+
+def count_trials(config: StudyConfig) -> int:
+    """Trials in the study: every configuration once per seed (`search.seeds`)."""
+    return count_configurations(config) * config.search.seeds
 
 
 def trials_per_level(config: StudyConfig) -> dict[str, Counter]:

@@ -1,19 +1,31 @@
-"""The search of a study as plain data: which cells, which ranges, how many samples, which scheduler.
+"""The search of a study as plain data: which cells, which ranges, how many samples and seeds, which scheduler.
 
 `search_plan(config)` turns the `factors`, `search` and `scheduler` sections into a `SearchPlan`;
-study/ray_tune.py (the one module that talks to Ray) turns that into a Ray Tune param space,
-searcher and scheduler. `trial_id(params)` names a trial by its parameters, so the same trial has
-the same name in every process, in MLflow and across a resume.
+study/ray_tune.py (the one module that talks to Ray) turns that into Ray Tune trials, a searcher
+and a scheduler. `trial_id(params)` names a trial by its parameters, so the same trial has the
+same name in every process, in MLflow and across a resume.
+
+A trial's params are its grid cell, its values of the continuous ranges and `seed`, the
+replicate index (0..seeds-1, the training seed): every configuration is trained `seeds` times,
+and each replicate is its own trial. For `grid` and `random` the whole trial list is known in
+advance: `plan_trials(plan)` computes it here (Ray's variant generator cannot repeat one random
+draw for several seeds); Optuna proposes its configurations as results arrive
+(study/ray_tune.py, `CellwiseOptunaSearch`) and runs each proposal once per seed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from search_spaces.grid import grid_cells
 from study.config import Range, StudyConfig
+
+SEED_PARAM = "seed"
 
 
 @dataclass(frozen=True)
@@ -21,18 +33,28 @@ class SearchPlan:
     algorithm: str  # grid | random | optuna
     cells: list[dict]  # every combination of the categorical factors
     ranges: dict[str, Range]  # continuous factors, searched within each cell
-    num_samples: int  # trials per cell
+    num_samples: int  # configurations per cell (random and optuna draws; 1 for grid)
     metric: str
     mode: str
     scheduler: str  # fifo | asha
     grace_period: int
     reduction_factor: float
     max_epochs: int
-    seed: int
+    seed: int  # the study seed (random draws, Optuna's samplers)
+    seeds: int = 1  # replicates: every configuration is trained with seed 0..seeds-1
+
+    @property
+    def samples_per_cell(self) -> int:
+        """Configurations per grid cell: one for grid, `num_samples` draws for random and optuna."""
+        return 1 if self.algorithm == "grid" else self.num_samples
+
+    @property
+    def total_configurations(self) -> int:
+        return len(self.cells) * self.samples_per_cell
 
     @property
     def total_trials(self) -> int:
-        return len(self.cells) * self.num_samples
+        return self.total_configurations * self.seeds
 
 
 def search_plan(config: StudyConfig) -> SearchPlan:
@@ -48,11 +70,55 @@ def search_plan(config: StudyConfig) -> SearchPlan:
         reduction_factor=config.scheduler.reduction_factor,
         max_epochs=max(config.factors.epochs),
         seed=config.study.seed,
+        seeds=config.search.seeds,
     )
 
 
+def with_seeds(params: dict, seeds: int) -> list[dict]:
+    """One trial per replicate: `params` with `seed` 0..seeds-1, every other value identical."""
+    return [{**params, SEED_PARAM: seed} for seed in range(seeds)]
+
+
+def draw(ranges: dict[str, Range], study_seed: int, cell: int, sample: int) -> dict[str, float]:
+    """One random draw of every range, from a generator seeded by (study seed, cell, sample).
+
+    `uniform` is uniform on [low, high); `loguniform` is exp(uniform(log low, log high)). The
+    ranges are drawn in the order the schema lists the factors, so a draw depends only on the
+    study seed, the cell's index, the sample's index and the ranges themselves.
+    """
+    rng = np.random.default_rng([int(study_seed) % (1 << 64), cell, sample])
+    values = {}
+    for name, span in ranges.items():
+        if span.kind == "loguniform":
+            value = math.exp(rng.uniform(math.log(span.low), math.log(span.high)))
+            values[name] = min(max(value, span.low), span.high)  # exp(log x) may round past a bound
+        else:
+            values[name] = float(rng.uniform(span.low, span.high))
+    return values
+
+
+def plan_trials(plan: SearchPlan) -> list[dict]:
+    """Every trial of a grid or random search, in a fixed order: cells x draws x seeds.
+
+    Grid: each cell once per seed. Random: each cell `num_samples` draws of the ranges (`draw`),
+    each draw repeated identically for every seed. Optuna proposes its trials as it goes, so it
+    has no list in advance (a ValueError).
+    """
+    if plan.algorithm == "optuna":
+        raise ValueError("optuna proposes its trials during the search; there is no list in advance")
+    trials: list[dict] = []
+    for index, cell in enumerate(plan.cells):
+        for sample in range(plan.samples_per_cell):
+            values = draw(plan.ranges, plan.seed, index, sample) if plan.algorithm == "random" else {}
+            trials += with_seeds({**cell, **values}, plan.seeds)
+    return trials
+
+
 def trial_id(params: dict) -> str:
-    """A short stable name for a fine-tune trial: its backbone and a hash of all its parameters."""
+    """A short stable name for a fine-tune trial: its backbone and a hash of all its parameters.
+
+    The replicate index `seed` is one of the parameters, so every seed is its own trial.
+    """
     canonical = json.dumps({k: params[k] for k in sorted(params)}, sort_keys=True, default=str)
     return f"{params.get('backbone', 'trial')}-{hashlib.sha256(canonical.encode()).hexdigest()[:10]}"
 

@@ -8,8 +8,9 @@ default filled in) as `resolved.yaml`; `config_hash` is a stable hash of it.
 
 Under `factors`, a list is a grid axis and a single value is fixed for all trials; numeric
 factors may instead be a range (`{loguniform: [lo, hi]}` or `{uniform: [lo, hi]}`) searched by
-the `random` or `optuna` algorithm. Inner code takes plain values from these objects; YAML never
-holds import paths or expressions.
+the `random` or `optuna` algorithm. `search.seeds` trains every configuration that many times
+(training seeds 0..seeds-1); `evaluation` holds how predictions are scored. Inner code takes
+plain values from these objects; YAML never holds import paths or expressions.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ class FactorsSection(_Section):
     swa: tuple[bool, ...] = (False,)
     multimask: tuple[Literal["single", "best_iou"], ...] = ("single",)
     train_prompt_encoder: tuple[bool, ...] = (False,)
-    iou_loss_weight: Number = (0.0,)
+    iou_loss_weight: Number = (1.0,)  # SAM, SAM 2 and micro-sam regress the IoU head with weight 1
 
     @field_validator("*", mode="before")
     @classmethod
@@ -224,9 +225,18 @@ class BaselineSection(_Section):
 
 class SearchSection(_Section):
     algorithm: Literal["grid", "random", "optuna"] = "grid"
-    num_samples: int = Field(1, ge=1)  # per grid cell
+    num_samples: int = Field(1, ge=1)  # draws per grid cell (random, optuna); grid: 1
+    seeds: int = Field(1, ge=1)  # replicates: every configuration trained with training seeds 0..seeds-1
     metric: Literal["val_dice", "val_iou", "val_loss", "train_loss"] = "val_dice"
     mode: Literal["max", "min"] = "max"
+
+
+class EvaluationSection(_Section):
+    """How test (and validation) predictions are scored; part of the config hash, as it changes numbers."""
+
+    single_point_multimask: bool = True  # one-point prompts: 3 masks, keep the best predicted IoU
+    nsd_tolerance_mm: float = Field(2.0, gt=0)  # NSD tolerance: mm with spacing, else pixels
+    hd95_penalty: Literal["diagonal"] = "diagonal"  # HD95 when exactly one mask is empty
 
 
 class SchedulerSection(_Section):
@@ -263,6 +273,7 @@ class StudyConfig(_Section):
     factors: FactorsSection = FactorsSection()
     baseline: BaselineSection = BaselineSection()
     search: SearchSection = SearchSection()
+    evaluation: EvaluationSection = EvaluationSection()
     scheduler: SchedulerSection = SchedulerSection()
     resources: ResourcesSection = ResourcesSection()
     ray: RaySection = RaySection()
@@ -431,6 +442,30 @@ def _check_names(config: StudyConfig, source: str, lines: dict) -> None:
 
 def _check_consistency(config: StudyConfig, source: str, lines: dict) -> None:
     factors = config.factors
+    split = config.data.split
+    if split.val == 0:
+        raise UserError(f"{_where(source, lines, ('data', 'split', 'val'))}: data.split.val = 0 leaves no "
+                        f"validation subjects, but every fine-tune trial picks its best epoch on the validation "
+                        f"images (and the search compares trials by {config.search.metric} on them). Set "
+                        f"data.split.val to a fraction > 0, e.g. 0.1 (a dataset's own val folder still wins).")
+    if split.test == 0:
+        raise UserError(f"{_where(source, lines, ('data', 'split', 'test'))}: data.split.test = 0 leaves no "
+                        f"test subjects, so no trial would have test metrics to report. Set data.split.test to "
+                        f"a fraction > 0, e.g. 0.2 (a dataset's own test folder still wins).")
+    search = config.search
+    if search.algorithm == "grid" and search.num_samples > 1:
+        raise UserError(f"{_where(source, lines, ('search', 'num_samples'))}: search.num_samples = "
+                        f"{search.num_samples} with search.algorithm: grid would train every configuration "
+                        f"{search.num_samples} times with the same seed. Replicates are search.seeds: write "
+                        f"search.seeds: {search.num_samples} (training seeds 0..{search.num_samples - 1}) and "
+                        f"leave num_samples at 1; num_samples is the number of draws per grid cell for the "
+                        f"random and optuna algorithms.")
+    if search.algorithm != "grid" and search.num_samples > 1 and not factors.ranges():
+        raise UserError(f"{_where(source, lines, ('search', 'num_samples'))}: search.num_samples = "
+                        f"{search.num_samples} draws per grid cell, but no factor is a range, so every draw "
+                        f"would be the same configuration. Give a numeric factor a range (e.g. lr: "
+                        f"{{loguniform: [1.0e-5, 1.0e-3]}}), or use search.seeds: {search.num_samples} for "
+                        f"replicates.")
     ranges = factors.ranges()
     if ranges and config.search.algorithm == "grid":
         name = next(iter(ranges))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from search_spaces.grid import count_trials, trials_per_level
+from search_spaces.grid import count_configurations, count_trials, trials_per_level
 from study.config import StudyConfig, config_hash
 from study.data.prepare import DatasetPlan, plan_dataset
 from study.weights import weights_table
@@ -18,7 +18,8 @@ from study.weights import weights_table
 class StudyPlan:
     config: StudyConfig
     config_hash: str
-    trials: int
+    configurations: int  # grid cells, times the draws per cell for random and optuna
+    trials: int  # configurations x search.seeds
     per_level: dict
     data: DatasetPlan
     weights: list[dict]
@@ -45,6 +46,7 @@ def build_plan(config: StudyConfig) -> StudyPlan:
     return StudyPlan(
         config=config,
         config_hash=config_hash(config),
+        configurations=count_configurations(config),
         trials=count_trials(config),
         per_level=trials_per_level(config),
         data=plan_dataset(config),
@@ -52,13 +54,22 @@ def build_plan(config: StudyConfig) -> StudyPlan:
     )
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def format_plan(plan: StudyPlan) -> str:
     cfg = plan.config
     factors = cfg.factors
+    search, seeds = cfg.search, cfg.search.seeds
+    draws = "" if search.algorithm == "grid" else f", {_count(search.num_samples, 'draw')} per grid cell"
     lines = [
         f"Study {cfg.study.name!r} -> {cfg.study_dir} (config hash {plan.config_hash})",
-        f"Trials: {plan.trials} ({cfg.search.algorithm} search, {cfg.search.num_samples} per grid cell, "
-        f"scheduler {cfg.scheduler.kind}, metric {cfg.search.metric} {cfg.search.mode})",
+        f"Trials: {_count(plan.configurations, 'configuration')} x {_count(seeds, 'seed')} = "
+        f"{_count(plan.trials, 'trial')} ({search.algorithm} search{draws}, scheduler {cfg.scheduler.kind}, "
+        f"metric {search.metric} {search.mode})",
+        f"  seeds: every configuration trained with training seed "
+        + ("0" if seeds == 1 else f"0..{seeds - 1}, each its own trial"),
     ]
     for name, counts in plan.per_level.items():
         lines.append(f"  {name:<14} " + ", ".join(f"{level}: {n}" for level, n in counts.items()))
@@ -67,6 +78,14 @@ def format_plan(plan: StudyPlan) -> str:
     for name, rng in factors.ranges().items():
         lines.append(f"  searched: {name} ~ {rng.kind}[{rng.low:g}, {rng.high:g}]")
     lines.append(plan.data.describe())
+    evaluation = cfg.evaluation
+    lines.append(
+        f"Evaluation: single-point prompts "
+        + ("multimask (3 masks, the best predicted IoU kept)" if evaluation.single_point_multimask
+           else "single mask")
+        + f"; NSD at {evaluation.nsd_tolerance_mm:g} mm (pixels without spacing); HD95 with exactly one "
+        f"empty mask = the image {evaluation.hd95_penalty}"
+    )
     lines += [
         f"Encode: {len(factors.backbone)} backbone(s) x {plan.encode_images} images = "
         f"{len(factors.backbone) * plan.encode_images} encoder passes, done once and cached",

@@ -8,10 +8,12 @@ Ray's API moves between releases, so every Ray import of the project is here. Th
 - `run_encode` fills the embedding cache with one task per (backbone, shard), one GPU each where
   the cluster has GPUs, before any trial starts; trials only read the cache.
 - `run_zero_shot` evaluates every backbone x eval prompt as tasks.
-- `run_tune` runs the fine-tune trials: grid and random search through Ray's variant generator,
-  Optuna TPE within each grid cell through `CellwiseOptunaSearch`, FIFO or ASHA scheduling, actor
-  reuse so models and embeddings stay resident in a worker between trials, and a callback that
-  hands every result to the driver's MLflow tracker (the only process that writes to MLflow).
+- `run_tune` runs the fine-tune trials: grid and random search as the explicit trial list of
+  `search_spaces.space.plan_trials` (one Ray trial per params dict, every seed its own trial),
+  Optuna TPE within each grid cell through `CellwiseOptunaSearch` (each proposal once per
+  seed), FIFO or ASHA scheduling, actor reuse so models and embeddings stay resident in a
+  worker between trials, and a callback that hands every result to the driver's MLflow
+  tracker (the only process that writes to MLflow).
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter, Searcher  # noqa: E402
 from ray.tune.search.basic_variant import BasicVariantGenerator  # noqa: E402
 
-from search_spaces.space import SearchPlan, trial_id  # noqa: E402
+from search_spaces.space import SEED_PARAM, SearchPlan, plan_trials, trial_id, with_seeds  # noqa: E402
 from study import stages  # noqa: E402
 from study.errors import UserError  # noqa: E402
 
 TUNE_FOLDER = "tune"
+TRIAL_KEY = "trial"  # grid and random trials: the param space is {TRIAL_KEY: grid_search(trials)}
 
 
 # --- the cluster ------------------------------------------------------------------------------
@@ -127,12 +130,20 @@ class CellwiseOptunaSearch(Searcher):
     """Optuna TPE over the continuous factors, run separately inside every grid cell.
 
     Categorical factors stay a full grid (so comparisons between their levels remain paired and
-    balanced); each cell gets `num_samples` trials whose continuous values come from that cell's
-    own seeded TPE sampler. The state (every cell's Optuna study, the budget left, the trials
-    still running) is written to `state_path` after every change, so a study resumed after a
-    crash continues the same searches: trials that were running are proposed again with the
-    same values (and continue from their checkpoints), finished ones are not proposed again.
+    balanced); each cell gets `num_samples` proposals whose continuous values come from that
+    cell's own seeded TPE sampler. Every proposal is run once per replicate seed (`plan.seeds`
+    trials with `seed` 0..seeds-1 and otherwise identical values, suggested one after another),
+    and is told to Optuna once all its seeds have finished: the mean of their metric, or FAIL
+    when any seed failed or reported no metric.
+
+    The state (every cell's Optuna study, the proposals left, the trials queued or running, the
+    results of proposals whose seeds are still running) is written to `state_path` after every
+    change, so a study resumed after a crash continues the same searches: trials that were
+    queued or running are proposed again with the same values (and continue from their
+    checkpoints), finished ones are not proposed again, and no proposal is asked for twice.
     """
+
+    STATE_VERSION = 2
 
     def __init__(self, plan: SearchPlan, state_path: Path):
         super().__init__(metric=plan.metric, mode=plan.mode)
@@ -141,12 +152,12 @@ class CellwiseOptunaSearch(Searcher):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.state_path = state_path
         self.cells = plan.cells
-        self.replay: list[tuple[int, int, dict]] = []
-        self.live: dict[str, tuple[int, int, dict]] = {}
+        self.seeds = plan.seeds
+        self.queue: list[tuple[int, int, dict]] = []  # (cell, proposal number, trial params) to suggest
+        self.live: dict[str, tuple[int, int, dict]] = {}  # Ray trial key -> the same, while it runs
+        self.results: dict[tuple[int, int], dict[int, float | None]] = {}  # finished seeds of open proposals
         if state_path.exists():
             self.restore(str(state_path))
-            self.replay = list(self.live.values())
-            self.live = {}
             return
         self.distributions = {
             name: optuna.distributions.FloatDistribution(rng.low, rng.high, log=rng.kind == "loguniform")
@@ -160,16 +171,16 @@ class CellwiseOptunaSearch(Searcher):
         self.remaining = [plan.num_samples] * len(plan.cells)
 
     def suggest(self, trial_key: str):
-        if self.replay:
-            cell, number, config = self.replay.pop(0)
-        else:
+        if not self.queue:
             open_cells = [i for i, left in enumerate(self.remaining) if left > 0]
             if not open_cells:
                 return Searcher.FINISHED
             cell = max(open_cells, key=lambda i: (self.remaining[i], -i))
             self.remaining[cell] -= 1
             proposal = self.studies[cell].ask(self.distributions)
-            number, config = proposal.number, {**self.cells[cell], **proposal.params}
+            config = {**self.cells[cell], **proposal.params}
+            self.queue = [(cell, proposal.number, params) for params in with_seeds(config, self.seeds)]
+        cell, number, config = self.queue.pop(0)
         self.live[trial_key] = (cell, number, config)
         self.save(str(self.state_path))
         return config
@@ -179,47 +190,67 @@ class CellwiseOptunaSearch(Searcher):
 
         if trial_key not in self.live:
             return
-        cell, number, _ = self.live.pop(trial_key)
+        cell, number, config = self.live.pop(trial_key)
         value = None if error or not result else result.get(self.metric)
-        if value is None:
-            self.studies[cell].tell(number, state=optuna.trial.TrialState.FAIL)
-        else:
-            self.studies[cell].tell(number, value)
+        finished = self.results.setdefault((cell, number), {})
+        finished[int(config[SEED_PARAM])] = None if value is None else float(value)
+        if len(finished) == self.seeds:
+            del self.results[(cell, number)]
+            values = list(finished.values())
+            if any(v is None for v in values):
+                self.studies[cell].tell(number, state=optuna.trial.TrialState.FAIL)
+            else:
+                self.studies[cell].tell(number, sum(values) / len(values))
         self.save(str(self.state_path))
 
     def save(self, checkpoint_path: str):
         Path(checkpoint_path).parent.mkdir(parents=True, exist_ok=True)
         temp = f"{checkpoint_path}.{os.getpid()}.tmp"
+        state = {
+            "version": self.STATE_VERSION, "cells": self.cells, "seeds": self.seeds,
+            "distributions": self.distributions, "studies": self.studies, "remaining": self.remaining,
+            # running trials first: after a restore they are proposed again before anything else
+            "queue": list(self.live.values()) + self.queue, "results": self.results,
+        }
         with open(temp, "wb") as handle:
-            pickle.dump((self.cells, self.distributions, self.studies, self.remaining,
-                         {**self.live, **{f"replay-{i}": r for i, r in enumerate(self.replay)}}), handle)
+            pickle.dump(state, handle)
         os.replace(temp, checkpoint_path)
 
     def restore(self, checkpoint_path: str):
         with open(checkpoint_path, "rb") as handle:
-            self.cells, self.distributions, self.studies, self.remaining, self.live = pickle.load(handle)
+            state = pickle.load(handle)
+        if not isinstance(state, dict) or state.get("version") != self.STATE_VERSION:
+            raise UserError(f"{checkpoint_path}: this Optuna search state was written by an older version "
+                            f"of the harness and cannot be resumed. Run again with --fresh to start over.")
+        self.cells, self.seeds = state["cells"], state["seeds"]
+        self.distributions, self.studies, self.remaining = state["distributions"], state["studies"], state["remaining"]
+        self.queue, self.results, self.live = state["queue"], state["results"], {}
 
 
-def _param_space(plan: SearchPlan) -> dict:
-    space: dict = {}
-    for name in plan.cells[0]:
-        levels = sorted({cell[name] for cell in plan.cells}, key=[cell[name] for cell in plan.cells].index)
-        space[name] = tune.grid_search(levels) if len(levels) > 1 else levels[0]
-    for name, rng in plan.ranges.items():
-        space[name] = (tune.loguniform if rng.kind == "loguniform" else tune.uniform)(rng.low, rng.high)
-    if plan.algorithm == "grid" and plan.num_samples > 1:
-        space["replicate"] = tune.grid_search(list(range(plan.num_samples)))
-    return space
+def _flat_params(config: dict) -> dict:
+    """The flat params of a trial: grid and random trials arrive wrapped as {TRIAL_KEY: params}."""
+    return config[TRIAL_KEY] if TRIAL_KEY in config else config
 
 
 def _searcher_and_space(plan: SearchPlan, state_path: Path, max_concurrent: int | None):
+    """(searcher, param space, Ray num_samples). Grid and random: the explicit `plan_trials` list,
+    one Ray trial per params dict (a grid search over whole dicts); Optuna: its own proposals."""
     if plan.algorithm == "optuna":
         searcher = CellwiseOptunaSearch(plan, state_path)
         if max_concurrent:
             searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
         return searcher, {}, plan.total_trials
-    samples = 1 if plan.algorithm == "grid" else plan.num_samples
-    return BasicVariantGenerator(max_concurrent=max_concurrent or 0, random_state=plan.seed), _param_space(plan), samples
+    space = {TRIAL_KEY: tune.grid_search(plan_trials(plan))}
+    return BasicVariantGenerator(max_concurrent=max_concurrent or 0, random_state=plan.seed), space, 1
+
+
+def _parameter_columns(plan: SearchPlan) -> dict[str, str]:
+    """The CLIReporter's parameter columns: every factor that varies (and the seed), by its name."""
+    varying = [n for n in plan.cells[0] if len({c[n] for c in plan.cells}) > 1] + list(plan.ranges)
+    if plan.seeds > 1:
+        varying.append(SEED_PARAM)
+    prefix = "" if plan.algorithm == "optuna" else f"{TRIAL_KEY}/"
+    return {f"{prefix}{name}": name for name in varying}
 
 
 def _scheduler(plan: SearchPlan):
@@ -233,7 +264,7 @@ def _scheduler(plan: SearchPlan):
 
 
 def _trainable(config: dict, context: stages.StudyContext):
-    stages.finetune(config, context, report=lambda metrics: tune.report(metrics), node=_node_id())
+    stages.finetune(_flat_params(config), context, report=lambda metrics: tune.report(metrics), node=_node_id())
 
 
 class _TrialEvents(tune.Callback):
@@ -243,47 +274,46 @@ class _TrialEvents(tune.Callback):
         self.on_start, self.on_epoch, self.on_end = on_start, on_epoch, on_end
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.on_start(trial.config)
+        self.on_start(_flat_params(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "epoch" in result:
-            self.on_epoch(trial.config, result)
+            self.on_epoch(_flat_params(trial.config), result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.on_end(trial.config, None)
+        self.on_end(_flat_params(trial.config), None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.on_end(trial.config, str(getattr(trial, "error_message", None) or "the trial's worker failed"))
+        self.on_end(_flat_params(trial.config), str(getattr(trial, "error_message", None) or "the trial's worker failed"))
 
 
 def run_tune(plan: SearchPlan, context: stages.StudyContext, *, cpus: float, gpus: float,
              max_concurrent: int | None, max_failures: int, on_start, on_epoch, on_end) -> None:
     """Run the study's trials in the Tune experiment folder `<study>/tune`.
 
-    Every run builds a new Tuner over the same deterministic trials (seeded variant generator,
-    or the persisted Optuna state) instead of restoring Ray's own experiment snapshot: finished
+    Every run builds a new Tuner over the same deterministic trials (the explicit `plan_trials`
+    list, or the persisted Optuna state) instead of restoring Ray's own experiment snapshot: finished
     trials return their stored results at once, unfinished ones continue from their checkpoints
     in the study folder, so a study killed at any moment resumes without re-running or losing work.
     """
     storage = Path(context.study_dir).resolve()
     searcher, space, samples = _searcher_and_space(plan, storage / "results" / "search_state.pkl", max_concurrent)
     trainable = tune.with_resources(tune.with_parameters(_trainable, context=context), {"cpu": cpus, "gpu": gpus})
-    varying = [n for n in plan.cells[0] if len({c[n] for c in plan.cells}) > 1] + list(plan.ranges)
     tuner = tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=plan.metric, mode=plan.mode, search_alg=searcher, scheduler=_scheduler(plan),
             num_samples=samples, reuse_actors=True,
-            trial_name_creator=lambda trial: trial_id(trial.config),
-            trial_dirname_creator=lambda trial: trial_id(trial.config),
+            trial_name_creator=lambda trial: trial_id(_flat_params(trial.config)),
+            trial_dirname_creator=lambda trial: trial_id(_flat_params(trial.config)),
         ),
         run_config=tune.RunConfig(
             name=TUNE_FOLDER, storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             callbacks=[_TrialEvents(on_start, on_epoch, on_end)], verbose=1,
             progress_reporter=tune.CLIReporter(metric_columns=["epoch", "train_loss", "val_dice"],
-                                               parameter_columns=varying, max_report_frequency=10),
+                                               parameter_columns=_parameter_columns(plan), max_report_frequency=10),
         ),
     )
     tuner.fit()

@@ -9,7 +9,7 @@ from search_spaces.grid import count_trials, grid_cells, trials_per_level
 from study.config import config_hash, load_config, write_resolved
 from study.errors import UserError
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "grid.example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "grid.example.yaml"
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
 
@@ -49,6 +49,43 @@ def test_defaults_resolve_and_round_trip_with_a_stable_hash(tmp_path):
     assert config_hash(load_config(write(tmp_path, "study: {name: s1, seed: 1}\n"))) != config_hash(config)
 
 
+def test_seeds_and_evaluation_load_count_and_are_resolved(tmp_path):
+    config = load_config(write(tmp_path, "study: {name: s1}\n"))
+    assert config.search.seeds == 1
+    assert (config.evaluation.single_point_multimask, config.evaluation.nsd_tolerance_mm,
+            config.evaluation.hd95_penalty) == (True, 2.0, "diagonal")
+    text = ("study: {name: s1}\nfactors: {optimizer: [adam, sgd]}\nsearch: {seeds: 3}\n"
+            "evaluation: {single_point_multimask: false, nsd_tolerance_mm: 1.5, hd95_penalty: diagonal}\n")
+    config = load_config(write(tmp_path, text))
+    assert config.search.seeds == 3 and config.search.num_samples == 1
+    assert config.evaluation.single_point_multimask is False and config.evaluation.nsd_tolerance_mm == 1.5
+    assert count_trials(config) == 2 * 3
+    assert trials_per_level(config)["optimizer"] == {"adam": 3, "sgd": 3}
+    resolved = yaml.safe_load(write_resolved(config, tmp_path / "study").read_text())
+    assert resolved["search"]["seeds"] == 3
+    assert resolved["evaluation"] == {"single_point_multimask": False, "nsd_tolerance_mm": 1.5,
+                                      "hd95_penalty": "diagonal"}
+    again = load_config(tmp_path / "study" / "resolved.yaml")
+    assert again.search == config.search and again.evaluation == config.evaluation
+    assert config_hash(again) == config_hash(config)
+
+
+def test_seeds_and_evaluation_are_part_of_the_hash(tmp_path):
+    base = config_hash(load_config(write(tmp_path, "")))
+    assert config_hash(load_config(write(tmp_path, "search: {seeds: 2}\n"))) != base
+    assert config_hash(load_config(write(tmp_path, "evaluation: {nsd_tolerance_mm: 1.0}\n"))) != base
+    assert config_hash(load_config(write(tmp_path, "evaluation: {single_point_multimask: false}\n"))) != base
+    assert config_hash(load_config(write(tmp_path, "evaluation: {nsd_tolerance_mm: 2.0}\n"))) == base
+
+
+def test_random_and_optuna_count_draws_times_seeds(tmp_path):
+    text = ("factors: {optimizer: [adam, sgd], lr: {loguniform: [1.0e-5, 1.0e-3]}}\n"
+            "search: {algorithm: random, num_samples: 4, seeds: 2}\n")
+    config = load_config(write(tmp_path, text))
+    assert count_trials(config) == 2 * 4 * 2
+    assert trials_per_level(config)["optimizer"] == {"adam": 8, "sgd": 8}
+
+
 def test_config_is_frozen(tmp_path):
     config = load_config(write(tmp_path, ""))
     with pytest.raises(Exception):
@@ -79,6 +116,17 @@ def test_ranges_need_a_searcher_and_are_kept(tmp_path):
     ("search: {algorithm: bayes}\n", [r"search.algorithm = 'bayes'", r"'grid', 'random' or 'optuna'"]),
     ("weights:\n  files: {sam_xl: random}\n", [r"weights.files.sam_xl", r"not a known backbone"]),
     ("factors:\n  epochs: 2\nscheduler: {kind: asha, grace_period: 3}\n", [r"grace_period = 3", r"epochs"]),
+    ("data:\n  split: {val: 0, test: 0.2}\n", [r"line 2", r"data.split.val = 0", r"best epoch",
+                                               r"Set data.split.val to a fraction > 0, e.g. 0.1"]),
+    ("data:\n  split:\n    val: 0.1\n    test: 0\n", [r"line 4", r"data.split.test = 0", r"fraction > 0"]),
+    ("search:\n  algorithm: grid\n  num_samples: 3\n", [r"line 3", r"search.num_samples = 3",
+                                                       r"search.algorithm: grid", r"search.seeds: 3"]),
+    ("search: {algorithm: random, num_samples: 2}\n", [r"search.num_samples = 2", r"no factor is a range",
+                                                      r"search.seeds: 2"]),
+    ("search: {seeds: 0}\n", [r"search.seeds = 0", r"greater than or equal to 1"]),
+    ("evaluation: {nsd_tolerance_mm: 0}\n", [r"evaluation.nsd_tolerance_mm = 0", r"greater than 0"]),
+    ("evaluation: {hd95_penalty: nan}\n", [r"evaluation.hd95_penalty = 'nan'", r"'diagonal'"]),
+    ("evaluation: {clicks: 3}\n", [r"unknown key 'evaluation.clicks'", r"single_point_multimask"]),
     ("factors: [1, 2\n", [r"line 2", r"not valid YAML"]),
     ("- a\n- b\n", [r"mapping of sections"]),
 ])
