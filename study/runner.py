@@ -24,8 +24,13 @@ from study.tracking import StudyTracker
 from trainables.backbones import BACKBONES, resolve_weights
 
 ENCODE_SHARD = 32  # images per encode task
-EPOCH_METRICS = ("train_loss", "val_loss", "val_dice", "val_iou", "seconds")
-FINAL_METRICS = ("val_dice", "test_dice", "test_iou", "test_miou", "test_hd95", "epochs_run", "best_epoch", "seconds")
+#: Per-epoch metrics as logged to MLflow (step = epoch). An epoch's duration is `epoch_seconds`: the
+#: final `seconds` (the trial's wall time) is logged at step = epochs run, the last epoch's step,
+#: where a metric of the same name would be dropped as a duplicate.
+EPOCH_METRICS = {"train_loss": "train_loss", "val_loss": "val_loss", "val_dice": "val_dice", "val_iou": "val_iou",
+                 "seconds": "epoch_seconds"}
+FINAL_METRICS = ("val_dice", "test_dice", "test_iou", "test_miou", "test_hd95", "test_hd95_penalised", "test_nsd",
+                 "test_subjects", "epochs_run", "best_epoch", "seconds")
 
 
 @dataclass
@@ -78,7 +83,13 @@ def run_study(config: StudyConfig, plan_text: str, *, fresh: bool = False, addre
         prompt_settings={k: v for k, v in config.prompts.model_dump().items() if k != "file"},
         prompts_file=str(config.prompts.file) if config.prompts.file else None,
         select_metric=config.search.metric, select_mode=config.search.mode,
+        single_point_multimask=config.evaluation.single_point_multimask,
+        nsd_tolerance=config.evaluation.nsd_tolerance_mm,
     )
+    if not dataset.records_for("val"):
+        raise UserError(f"The prepared data has no validation slices ({dataset.root}), so no trial can choose its "
+                        f"best epoch. Raise data.split.val, or lower data.slicing.min_area so that the validation "
+                        f"subjects keep slices.")
     info = _model_info()
     plan = search_plan(config)
     tracker = StudyTracker(config.tracking.uri, config.experiment_name, study_dir)
@@ -116,9 +127,14 @@ def _encode(ray_tune, config: StudyConfig, dataset, weights: dict, context, work
           f"{totals['corrupt']} corrupt entries re-encoded", flush=True)
 
 
+def epoch_metrics(result: dict) -> dict[str, float]:
+    """One epoch's report as the MLflow metrics of that step (`EPOCH_METRICS` names them)."""
+    return {logged: float(result[key]) for key, logged in EPOCH_METRICS.items() if key in result}
+
+
 def _finish(tracker: StudyTracker, record: dict) -> None:
     folder = Path(tracker.study_dir) / "results" / "trials" / record["trial_id"]
-    artifacts = {name: folder / name for name in ("per_image.csv", "history.csv") if (folder / name).exists()}
+    artifacts = {name: folder / name for name in ("per_image.csv", "per_subject.csv", "history.csv") if (folder / name).exists()}
     if (folder / "checkpoint" / "best_decoder.pt").exists():
         artifacts["checkpoint/best_decoder.pt"] = folder / "checkpoint" / "best_decoder.pt"
     status = "FAILED" if record["status"] == "ERROR" else "FINISHED"
@@ -152,7 +168,7 @@ def _tune(ray_tune, config: StudyConfig, plan, context, tracker: StudyTracker, i
     def on_epoch(params: dict, result: dict) -> None:
         name = trial_id(params)
         last_epoch[name] = int(result["epoch"])
-        tracker.log_epoch(name, {k: float(result[k]) for k in EPOCH_METRICS if k in result}, step=int(result["epoch"]))
+        tracker.log_epoch(name, epoch_metrics(result), step=int(result["epoch"]))
 
     def on_end(params: dict, error: str | None) -> None:
         name = trial_id(params)
@@ -193,21 +209,31 @@ def _report(config: StudyConfig, study_dir: Path, tracker: StudyTracker) -> Path
 
 
 def format_summary(outcome: StudyOutcome) -> str:
-    """The one-screen end of a study: best configuration, best level per factor, where things are."""
+    """The one-screen end of a study: best configuration, best level per factor, where things are.
+
+    A configuration is a trial's factors without its replicate seed; its numbers are the means
+    over its seeds.
+    """
     import pandas as pd
 
     trials = pd.read_csv(outcome.study_dir / "results" / "trials.csv")
     tuned = trials[(trials["stage"] == "finetune") & trials["test_dice"].notna()]
-    lines = [f"Study finished: {outcome.counts['trials']} trial rows, {outcome.counts['per_image']} per-image rows."]
+    lines = [f"Study finished: {outcome.counts['trials']} trial rows, {outcome.counts['per_image']} per-image rows, "
+             f"{outcome.counts.get('per_subject', 0)} per-subject rows."]
     if len(tuned):
-        best = tuned.sort_values("val_dice", ascending=False).iloc[0]
         resolved = yaml.safe_load((outcome.study_dir / "resolved.yaml").read_text())
         factors = [f for f, v in resolved["factors"].items()  # grid factors; searched ranges have no levels
                    if isinstance(v, list) and f in tuned and tuned[f].nunique(dropna=False) > 1]
         searched = [f for f, v in resolved["factors"].items() if isinstance(v, dict)]
-        lines.append(f"Best configuration (by val Dice): {best['trial_id']}: "
-                     + ", ".join(f"{f}={best[f]:.3g}" if f in searched else f"{f}={best[f]}" for f in factors + searched)
-                     + f"; val Dice {best['val_dice']:.3f}, test Dice {best['test_dice']:.3f}")
+        keys = [f for f in factors + searched if f in tuned]
+        groups = tuned.groupby(keys, dropna=False) if keys else tuned.groupby(lambda _: 0)
+        configs = groups.agg(val_dice=("val_dice", "mean"), test_dice=("test_dice", "mean"),
+                             seeds=("trial_id", "size")).reset_index()
+        best = configs.sort_values("val_dice", ascending=False).iloc[0]
+        lines.append("Best configuration (by val Dice): "
+                     + (", ".join(f"{f}={best[f]:.3g}" if f in searched else f"{f}={best[f]}" for f in keys) or "the one run")
+                     + f"; val Dice {best['val_dice']:.3f}, test Dice {best['test_dice']:.3f}"
+                     + (f" (means over {int(best['seeds'])} seeds)" if best["seeds"] > 1 else ""))
         for factor in factors:
             means = tuned.groupby(factor)["test_dice"].mean().sort_values(ascending=False)
             lines.append(f"  best {factor}: {means.index[0]} (mean test Dice {means.iloc[0]:.3f} over "

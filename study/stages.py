@@ -20,11 +20,10 @@ from typing import Callable
 import numpy as np
 
 from search_spaces.space import trial_id, zero_shot_id
+from trainables.result_tables import PER_IMAGE_COLUMNS, PER_SUBJECT_COLUMNS
 
 RESULT_FILE = "result.json"
 STOPPED_FILE = "stopped.json"
-PER_IMAGE_COLUMNS = ["trial_id", "stage", "image_id", "subject", "slice", "area", "prompt",
-                     "dice", "iou", "miou", "hd95", "hd95_mm"]
 HISTORY_COLUMNS = ["trial_id", "epoch", "train_loss", "val_loss", "val_dice", "val_iou", "seconds"]
 
 
@@ -42,6 +41,8 @@ class StudyContext:
     prompts_file: str | None = None
     select_metric: str = "val_dice"
     select_mode: str = "max"
+    single_point_multimask: bool = True
+    nsd_tolerance: float = 2.0
 
     def trial_dir(self, name: str) -> Path:
         return Path(self.study_dir) / "results" / "trials" / name
@@ -109,11 +110,13 @@ def _spec(params: dict, context: StudyContext, name: str, stage: str):
     from trainables.decoder import TrialSpec
 
     eval_prompts = () if context.eval_prompt == "same" else tuple(context.eval_prompt)
-    fields = {k: v for k, v in params.items() if k in TrialSpec.__dataclass_fields__}
+    fields = {k: v for k, v in params.items() if k in TrialSpec.__dataclass_fields__ and k != "seed"}
     return TrialSpec(trial_id=name, stage=stage, weights=context.weights[params["backbone"]],
-                     eval_prompts=eval_prompts, seed=context.seed, prompt_settings=context.prompt_settings,
-                     prompts_file=context.prompts_file, select_metric=context.select_metric,
-                     select_mode=context.select_mode, device=_device(), **fields)
+                     eval_prompts=eval_prompts, seed=context.seed, train_seed=int(params.get("seed", 0)),
+                     prompt_settings=context.prompt_settings, prompts_file=context.prompts_file,
+                     select_metric=context.select_metric, select_mode=context.select_mode,
+                     single_point_multimask=context.single_point_multimask, nsd_tolerance=context.nsd_tolerance,
+                     device=_device(), **fields)
 
 
 def _save_predictions(folder: Path, predictions: dict) -> None:
@@ -133,6 +136,7 @@ def _save_outputs(folder: Path, result, params: dict, status: str, node: str | N
     ended = time.time()
     folder.mkdir(parents=True, exist_ok=True)
     _write_csv(folder / "per_image.csv", result.per_image, PER_IMAGE_COLUMNS)
+    _write_csv(folder / "per_subject.csv", result.per_subject, PER_SUBJECT_COLUMNS)
     _write_csv(folder / "history.csv", [{"trial_id": result.trial_id, **h} for h in result.history], HISTORY_COLUMNS)
     _save_predictions(folder.parent.parent / "predictions" / result.trial_id, result.predictions)
     record = {"trial_id": result.trial_id, "stage": result.stage, "status": status, "reason": None,
@@ -203,17 +207,19 @@ def finetune(params: dict, context: StudyContext, report: Callable[[dict], None]
 
 # --- the study's tables -------------------------------------------------------------------------
 
-RESULT_COLUMNS = ["epochs_run", "val_dice", "test_dice", "test_iou", "test_miou", "test_hd95", "seconds"]
+RESULT_COLUMNS = ["epochs_run", "val_dice", "test_dice", "test_iou", "test_miou", "test_hd95", "test_hd95_penalised",
+                  "test_nsd", "test_subjects", "seconds"]
 
 
 def collect_results(study_dir: Path, factor_names: list[str], model_info: dict) -> dict[str, int]:
-    """Gather every trial folder into results/trials.csv, per_image.csv and history.csv (atomically).
+    """Gather every trial folder into results/trials.csv, per_image.csv, per_subject.csv and history.csv
+    (each written atomically).
 
     `model_info` maps a backbone to its family and parameter counts, which the model-size plot
     needs. Returns the number of rows written per table.
     """
     results = study_dir / "results"
-    trials, per_image, history = [], [], []
+    trials, per_image, per_subject, history = [], [], [], []
     for folder in sorted((results / "trials").glob("*")):
         record = read_result(folder)
         if record is None:
@@ -222,18 +228,20 @@ def collect_results(study_dir: Path, factor_names: list[str], model_info: dict) 
         info = model_info.get(params["backbone"], {})
         trials.append({"trial_id": record["trial_id"], "stage": record["stage"], "status": record["status"],
                        "family": info.get("family"), "image_encoder_params": info.get("image_encoder"),
-                       **{name: params.get(name) for name in factor_names},
+                       **{name: params.get(name) for name in factor_names}, "seed": params.get("seed"),
                        "eval_prompt": params.get("prompt") if record["stage"] == "zero_shot" else None,
                        **{name: summary.get(name) for name in RESULT_COLUMNS}, "reason": record.get("reason"),
                        "node": record.get("node")})
-        for name, target in (("per_image.csv", per_image), ("history.csv", history)):
+        for name, target in (("per_image.csv", per_image), ("per_subject.csv", per_subject), ("history.csv", history)):
             if (folder / name).exists():
                 with (folder / name).open() as handle:
                     target.extend(csv.DictReader(handle))
-    columns = ["trial_id", "stage", "status", "family", "image_encoder_params", *factor_names, "eval_prompt",
+    columns = ["trial_id", "stage", "status", "family", "image_encoder_params", *factor_names, "seed", "eval_prompt",
                *RESULT_COLUMNS, "reason", "node"]
     _write_csv(results / "trials.csv", trials, columns)
     _write_csv(results / "per_image.csv", per_image, PER_IMAGE_COLUMNS)
+    _write_csv(results / "per_subject.csv", per_subject, PER_SUBJECT_COLUMNS)
     _write_csv(results / "history.csv", history, HISTORY_COLUMNS)
-    return {"trials": len(trials), "per_image": len(per_image), "history": len(history)}
+    return {"trials": len(trials), "per_image": len(per_image), "per_subject": len(per_subject),
+            "history": len(history)}
 

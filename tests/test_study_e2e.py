@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -69,7 +71,11 @@ def trials_table(study_dir: Path) -> pd.DataFrame:
 
 
 def test_a_study_runs_on_two_nodes_and_leaves_every_trial_in_mlflow(cluster, shared, tmp_path, capsys):
-    grid = write_grid(tmp_path, shared, "e2e", baseline={"zero_shot": True})
+    """search.seeds: 2 on the phantom (MSD Task01 layout) on two nodes: one trial per seed, the same
+    evaluation prompts, per-subject rows over every target slice of each test subject's label volume,
+    one MLflow run per trial."""
+    grid = write_grid(tmp_path, shared, "e2e", baseline={"zero_shot": True}, search={"seeds": 2},
+                      data={"augment": {"views": 1}}, factors={"optimizer": "adamw"})
     assert main([str(grid), "--address", cluster.address]) == 0
     out = capsys.readouterr().out
     study = tmp_path / "runs" / "e2e"
@@ -77,7 +83,8 @@ def test_a_study_runs_on_two_nodes_and_leaves_every_trial_in_mlflow(cluster, sha
 
     trials = trials_table(study)
     tuned = trials[trials["stage"] == "finetune"]
-    assert sorted(tuned["optimizer"]) == ["adam", "adamw"]
+    assert sorted(tuned["seed"]) == [0, 1] and tuned["trial_id"].nunique() == 2
+    assert trials.loc[trials["stage"] == "zero_shot", "seed"].isna().all()
     assert set(trials["stage"]) == {"finetune", "zero_shot"}
     assert (tuned["status"] == "TERMINATED").all() and (tuned["epochs_run"] == 2).all()
     assert tuned[["val_dice", "test_dice", "test_iou", "test_miou"]].notna().all().all()
@@ -91,13 +98,31 @@ def test_a_study_runs_on_two_nodes_and_leaves_every_trial_in_mlflow(cluster, sha
     history = pd.read_csv(study / "results" / "history.csv")
     assert len(history) == 2 * 2
 
+    per_subject = pd.read_csv(study / "results" / "per_subject.csv")
+    assert set(per_image.loc[per_image["stage"] == "finetune", "seed"]) == {0, 1}
+    # The two seeds were scored on the same test images with the same prompts (boxes from the truth).
+    images = per_image[per_image["stage"] == "finetune"].groupby("seed")["image_id"].apply(sorted)
+    assert images[0] == images[1]
+    labels = {p.name.split(".")[0]: p for p in (shared / "phantom" / "Task01_BrainTumour" / "labelsTr").glob("*.nii.gz")}
+    assert set(per_subject["trial_id"]) == set(trials["trial_id"])
+    for (trial, subject), rows in per_image.groupby(["trial_id", "subject"]):
+        volume = np.asarray(nib.load(labels[subject]).dataobj) > 0  # whole tumour: every tumour label
+        target_slices = int(volume.any(axis=(0, 1)).sum())
+        assert len(rows) == target_slices, (trial, subject)  # every slice with target voxels, no other
+        row = per_subject[(per_subject["trial_id"] == trial) & (per_subject["subject"] == subject)]
+        assert len(row) == 1 and int(row["slices"].iloc[0]) == target_slices
+        assert int(row["voxels"].iloc[0]) == int(volume.sum())
+        assert 0 <= float(row["dice_3d"].iloc[0]) <= 1 and np.isfinite(row["hd95_3d_mm"].iloc[0])
+
     client, runs = mlflow_runs(study)
+    seeds = sorted(run.data.params["seed"] for run in runs if run.data.tags.get("sam_study.stage") == "finetune")
+    assert seeds == ["0", "1"]
     roles = [run.data.tags.get("sam_study.role") for run in runs]
     assert roles.count("parent") == 1 and roles.count("trial") == len(trials)
     assert all(run.info.status != "RUNNING" for run in runs)
     for run in runs:
         if run.data.tags.get("sam_study.stage") == "finetune":
-            assert run.data.params["optimizer"] in ("adam", "adamw") and "image_encoder_params" in run.data.params
+            assert run.data.params["optimizer"] == "adamw" and "image_encoder_params" in run.data.params
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")]
             assert steps[:2] == [1, 2]
     assert (study / "report" / "report.html").exists() and (study / "resolved.yaml").exists()
@@ -143,6 +168,9 @@ def test_asha_stops_some_trials_early_and_still_evaluates_them(cluster, shared, 
                       factors={"optimizer": "adamw", "prompt": "center_point",
                                "lr": [3.0e-4, 1.0e-4, 3.0e-6, 1.0e-6], "epochs": 4},
                       scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+                      # the single-token path: the three-mask one starts LiteMedSAM's centre-point
+                      # masks empty, so every trial would tie at the first rung
+                      evaluation={"single_point_multimask": False},
                       resources={"max_concurrent": 1})
     assert main([str(grid), "--address", cluster.address]) == 0
     trials = trials_table(tmp_path / "runs" / "asha")
@@ -176,3 +204,4 @@ def test_optuna_proposals_stay_in_range_and_its_state_survives_a_resume(cluster,
     assert trials.groupby("optimizer").size().to_dict() == {"adam": 2, "adamw": 2}
     assert trials["lr"].between(1.0e-5, 1.0e-3).all()
     assert trials["lr"].nunique() == 4
+

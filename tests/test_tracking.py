@@ -38,7 +38,7 @@ VAL_DICE = {1: 0.50, 2: 0.60, 3: 0.70}  # the epochs the first driver logs first
 
 
 def per_image_table(trial_id: str, stage: str, dice: list[float]) -> pd.DataFrame:
-    """A per_image.csv as the trainable writes it (columns of shared/grid.example.yaml)."""
+    """A per_image.csv as the trainable writes it (columns of examples/grid.example.yaml)."""
     ids = [f"P{index // 2}:z{index:03d}" for index in range(len(dice))]
     return pd.DataFrame({"trial_id": trial_id, "stage": stage, "image_id": ids, "subject": [i.split(":")[0] for i in ids],
                          "slice": range(len(dice)), "area": [100 * (i + 1) for i in range(len(dice))], "prompt": "box",
@@ -259,6 +259,29 @@ def test_a_killed_trial_resumed_later_reopens_its_run(shared_db, tmp_path):
     again.close()
     assert metric_steps(again._client, run_id, "val_dice") == [(1, 0.5), (2, 0.7)]
     assert [run.info.status for run in runs_of(again._client, again.experiment_id)] == ["FINISHED", "FINISHED"]
+
+
+def test_a_trials_wall_time_survives_its_last_epochs_duration(shared_db, tmp_path):
+    """Regression: the per-epoch duration was logged as `seconds` at step = epoch, so the trial's total
+    `seconds`, logged at step = epochs run, was dropped as a duplicate and MLflow showed the last epoch's time."""
+    from analysis.results import load_from_mlflow
+    from study.runner import epoch_metrics as logged_epoch_metrics
+
+    tracker = open_study(shared_db, tmp_path, "wall-time")
+    tracker.trial_run("a", "finetune", FACTORS)
+    for epoch in (1, 2):  # what a trial reports each epoch, as the runner forwards it
+        report = {"epoch": epoch, **epoch_metrics(epoch), "seconds": 4.0, "trial_id": "a"}
+        tracker.log_epoch("a", logged_epoch_metrics(report), step=epoch)
+    per_image = tmp_path / "per_image.csv"
+    per_image_table("a", "finetune", [0.7, 0.7]).to_csv(per_image, index=False)
+    tracker.finish_trial("a", "FINISHED", {"test_dice": 0.7, "epochs_run": 2, "seconds": 11.5},
+                         {"per_image.csv": per_image})
+    tracker.close()
+    run_id = tracker._trial_run_id("a")
+    assert metric_steps(tracker._client, run_id, "seconds") == [(2, 11.5)]
+    assert metric_steps(tracker._client, run_id, "epoch_seconds") == [(1, 4.0), (2, 4.0)]
+    trials = load_from_mlflow(shared_db, "wall-time").trials.set_index("trial_id")
+    assert trials.loc["a", "seconds"] == pytest.approx(11.5)
 
 
 def test_fresh_deletes_the_previous_runs_and_starts_a_new_parent(shared_db, tmp_path):

@@ -9,9 +9,13 @@ Conventions, each a decision a reviewer should know:
 
 - Prompts come from the ground truth in original pixels (trainables/prompts.py) and are mapped
   into the backbone's input frame by the backbone. Evaluation prompts are seeded by (study seed,
-  image, view, prompt name) only, so every trial and the zero-shot baseline see the same prompt
-  for an image and paired comparisons are fair; training prompts are redrawn every epoch (seeded
-  by the trial id and the epoch too).
+  image, view, prompt name) only, so every trial, every replicate seed and the zero-shot
+  baseline see the same prompt for an image and paired comparisons are fair.
+- Training randomness (the data order, the view drawn per image, the training-prompt draws,
+  torch's generator) is seeded by (study seed, `train_seed`, epoch) and not by the other
+  factors, so replicate seeds differ only in it, and two configurations with the same
+  `train_seed` see the same data order (common random numbers, which makes paired comparisons
+  between them less noisy).
 - Metrics are always computed at the mask's original resolution: the decoder's low-resolution
   logits are upsampled, un-padded and resized by the backbone (`Backbone.postprocess`), then
   thresholded at logit 0.
@@ -24,8 +28,21 @@ Conventions, each a decision a reviewer should know:
   for SAM-family models at 1024 pixels (whose chain goes 256 -> 1024 -> H x W; 4-7 %).
 - `box_per_component` gives several boxes for one image: each box is decoded as its own row
   and the image's logits are the element-wise maximum over its rows (the union of the masks).
-- Multimask `best_iou` decodes three masks per row and keeps the one with the highest predicted
-  IoU; `single` asks the decoder for one mask.
+- Masks per prompt. `multimask: single` asks the decoder for one mask; `best_iou` for three.
+  Evaluation keeps the mask with the highest predicted IoU; training backpropagates, per image,
+  the mask with the lowest loss and regresses the IoU head on all three (the SAM rule, as sam2's
+  `training/loss_fns.py` and micro-sam's trainer do; `iou_loss_weight`, default 1 as theirs,
+  so the head that ranks the masks is trained). A single point is ambiguous (part or
+  whole?), so with `single_point_multimask` (the default; `evaluation.single_point_multimask`)
+  a prompt of exactly one point and no box always takes the three-mask path, in training and
+  evaluation, as the official `SamPredictor` users and micro-sam do; the masks evaluated are
+  then the ones that were trained.
+- Zero-shot evaluation decodes with the official predictor's inference settings
+  (`Backbone.use_official_inference`: SAM 2's dynamic multimask via stability); a fine-tuned
+  decoder is evaluated as it was trained.
+- `prompts.file` prompts are given in the original image's pixels, so they do not fit an
+  augmented (rotated, deformed) view: trials trained with the `file` prompt train on the
+  original views only.
 - An epoch visits every training image once, each time as one of its cached views (0 is the
   original, 1..K augmented) drawn at random. Its `val_loss` is the training loss function on the
   validation images with the evaluation prompt, averaged over images; `val_dice` and `val_iou`
@@ -74,7 +91,7 @@ from study.data.prepare import PreparedDataset, SliceRecord, open_prepared
 from study.embedding_cache import EmbeddingCache, ResidentEmbeddings
 from trainables.backbones import Backbone, build_backbone
 from trainables.losses import build_loss, iou_head_loss
-from trainables.metrics import dice, image_metrics, iou
+from trainables.metrics import dice, image_metrics, iou, subject_metrics
 from trainables.optimizers import build_optimizer, build_schedule
 from trainables.prompts import Prompt, PromptSettings, load_prompt_file, make_prompt
 
@@ -112,8 +129,11 @@ class TrialSpec:
     swa: bool = False
     multimask: str = "single"
     train_prompt_encoder: bool = False
-    iou_loss_weight: float = 0.0
-    seed: int = 0
+    iou_loss_weight: float = 1.0  # the IoU head that ranks three masks is trained (SAM: weight 1)
+    seed: int = 0  # the study seed: evaluation prompts
+    train_seed: int = 0  # the replicate seed (search.seeds): training randomness
+    single_point_multimask: bool = True  # evaluation.single_point_multimask
+    nsd_tolerance: float = 2.0  # evaluation.nsd_tolerance_mm (pixels for images without spacing)
     prompt_settings: dict = field(default_factory=dict)
     prompts_file: str | None = None
     select_metric: str = "val_dice"
@@ -133,14 +153,10 @@ class TrialResult:
     history: list[dict]
     per_image: list[dict]
     summary: dict
+    per_subject: list[dict] = field(default_factory=list)
     #: image_id -> (image, truth, prediction) for the best and worst test images with the primary
     #: evaluation prompt (`KEPT_PREDICTIONS` of each), for overlays in the report.
     predictions: dict = field(default_factory=dict)
-
-
-#: Columns of a per-image row, in order (grid.example.yaml's per_image.csv, plus hd95_mm).
-PER_IMAGE_COLUMNS = ("trial_id", "stage", "image_id", "subject", "slice", "area", "prompt",
-                     "dice", "iou", "miou", "hd95", "hd95_mm")
 
 
 # --- what a worker process keeps between trials --------------------------------------------------
@@ -339,9 +355,15 @@ def _rows_for(prompts: list[Prompt], sizes: list[tuple[int, int]], backbone: Bac
     return rows
 
 
-def _decode(backbone: Backbone, features: dict[str, torch.Tensor], rows: _Rows, n_images: int, multimask: str,
-            device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Low-resolution logits (N,1,h,w) and predicted IoU (N,) per image, from its rows.
+def _decode(backbone: Backbone, features: dict[str, torch.Tensor], rows: _Rows, n_images: int, masks: str,
+            device, single_point: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low-resolution logits (N,K,h,w) and predicted IoU (N,K) per image, from its rows.
+
+    `masks`: "single" (token 0), "best_iou" (three masks, the highest predicted IoU kept) or
+    "all" (three masks kept, for the lowest-loss training rule). `single_point`, when given, is
+    the mode for rows of exactly one point and no box (the single-point protocol). K is 3 when
+    any group is decoded with "all", else 1; a one-mask group then repeats its mask three times,
+    so its lowest loss is its only loss.
 
     Rows are decoded in groups of the same prompt structure (with or without a box, the same
     number of points), each group one batched decoder call; a row without any prompt gets one
@@ -351,10 +373,13 @@ def _decode(backbone: Backbone, features: dict[str, torch.Tensor], rows: _Rows, 
     groups: dict[tuple[bool, int], list[int]] = defaultdict(list)
     for r in range(len(rows.image_index)):
         has_box = rows.boxes[r] is not None
-        groups[(has_box, max(len(rows.points[r]), 0 if has_box else 1))].append(r)
+        groups[(has_box, len(rows.points[r]))].append(r)
+    modes = {key: single_point if single_point and key == (False, 1) else masks for key in groups}
+    keep = 3 if "all" in modes.values() else 1
     row_logits: list[torch.Tensor] = [None] * len(rows.image_index)  # type: ignore[list-item]
     row_iou: list[torch.Tensor] = [None] * len(rows.image_index)  # type: ignore[list-item]
     for (has_box, n_points), members in groups.items():
+        mode = modes[(has_box, n_points)]
         index = [rows.image_index[r] for r in members]
         if index == list(range(n_images)):
             feats = features
@@ -362,9 +387,10 @@ def _decode(backbone: Backbone, features: dict[str, torch.Tensor], rows: _Rows, 
             index_tensor = torch.tensor(index, device=device)
             feats = {name: value.index_select(0, index_tensor) for name, value in features.items()}
         points = labels = boxes = None
-        if n_points:
-            points_np = np.zeros((len(members), n_points, 2), np.float32)
-            labels_np = np.full((len(members), n_points), -1, np.int64)
+        width = n_points if n_points or has_box else 1  # a row with no prompt: one padding point
+        if width:
+            points_np = np.zeros((len(members), width, 2), np.float32)
+            labels_np = np.full((len(members), width), -1, np.int64)
             for i, r in enumerate(members):
                 p = len(rows.points[r])
                 points_np[i, :p] = rows.points[r]
@@ -372,13 +398,15 @@ def _decode(backbone: Backbone, features: dict[str, torch.Tensor], rows: _Rows, 
             points, labels = torch.from_numpy(points_np).to(device), torch.from_numpy(labels_np).to(device)
         if has_box:
             boxes = torch.from_numpy(np.stack([rows.boxes[r] for r in members])).to(device)
-        logits, iou_pred = backbone.decode(feats, points, labels, boxes, multimask=multimask == "best_iou")
-        if multimask == "best_iou":
+        logits, iou_pred = backbone.decode(feats, points, labels, boxes, multimask=mode != "single")
+        if mode == "best_iou":
             best = iou_pred.argmax(dim=1)
             logits = logits[torch.arange(len(members), device=device), best].unsqueeze(1)
             iou_pred = iou_pred.gather(1, best[:, None])
+        if logits.shape[1] != keep:
+            logits, iou_pred = logits.expand(-1, keep, -1, -1), iou_pred.expand(-1, keep)
         for i, r in enumerate(members):
-            row_logits[r], row_iou[r] = logits[i], iou_pred[i, 0]
+            row_logits[r], row_iou[r] = logits[i], iou_pred[i]
     if rows.image_index == list(range(n_images)):  # one row per image, in order: nothing to unite
         return torch.stack(row_logits), torch.stack(row_iou)
     per_image: list[list[int]] = [[] for _ in range(n_images)]
@@ -387,6 +415,20 @@ def _decode(backbone: Backbone, features: dict[str, torch.Tensor], rows: _Rows, 
     logits = torch.stack([torch.stack([row_logits[r] for r in rs]).amax(dim=0) for rs in per_image])
     iou_out = torch.stack([torch.stack([row_iou[r] for r in rs]).amax(dim=0) for rs in per_image])
     return logits, iou_out
+
+
+def lowest_loss(loss_fn, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The batch mean over images of the lowest loss among each image's K masks (N, K, H, W).
+
+    Each image's loss is `loss_fn` on that image alone, which equals its share of the batched
+    loss (every registered loss is a mean over images of per-image terms). With K = 1 this is
+    `loss_fn(logits, target)`.
+    """
+    if logits.shape[1] == 1:
+        return loss_fn(logits, target)
+    per_mask = torch.stack([torch.stack([loss_fn(logits[n:n + 1, k:k + 1], target[n:n + 1])
+                                         for k in range(logits.shape[1])]) for n in range(logits.shape[0])])
+    return per_mask.min(dim=1).values.mean()
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -414,7 +456,7 @@ class DecoderFineTune:
         self.embeddings = embeddings
         self.masks = {} if masks is None else masks
         self.epochs = spec.epochs if epochs is None else epochs
-        torch.manual_seed(spec.seed)
+        torch.manual_seed(int(_rng(spec.seed, "train", spec.train_seed).integers(2**62)))
         self.settings = PromptSettings(**spec.prompt_settings)
         self.external = load_prompt_file(Path(spec.prompts_file)) if spec.prompts_file else None
         self.loss_fn = build_loss(spec.loss)
@@ -441,14 +483,14 @@ class DecoderFineTune:
 
     def prompts(self, records: list[SliceRecord], name: str, epoch: int | None) -> list[Prompt]:
         """Evaluation prompts (epoch None) depend on (seed, image, view, prompt) only and are
-        computed once; training prompts also on the trial and the epoch."""
+        computed once; training prompts also on the training seed and the epoch."""
         out = []
         for r in records:
             key = (name, r.image_id, r.view)
             if epoch is None and key in self.eval_prompts:
                 out.append(self.eval_prompts[key])
                 continue
-            parts = (self.spec.seed, r.image_id, r.view, name) + (() if epoch is None else (self.spec.trial_id, epoch))
+            parts = (self.spec.seed, r.image_id, r.view, name) + (() if epoch is None else ("train", self.spec.train_seed, epoch))
             prompt = make_prompt(name, self.mask(r), rng=_rng(*parts), settings=self.settings,
                                  image_id=r.image_id, external=self.external)
             if epoch is None:
@@ -478,12 +520,19 @@ class DecoderFineTune:
         return max(math.ceil(len(self.batches(originals, None)) / self.spec.grad_accum), 1)
 
     def forward(self, batch: list[SliceRecord], prompt_name: str, epoch: int | None):
-        """Logits at the original resolution (N,1,H,W), predicted IoU (N,) and targets (N,1,H,W)."""
-        device = self.spec.device
+        """Logits at the original resolution (N,K,H,W), predicted IoU (N,K) and targets (N,1,H,W).
+
+        Training (an epoch given) keeps every mask of the three-mask path (K = 3 where it is
+        taken); evaluation keeps one (K = 1), see the module docstring's "Masks per prompt".
+        """
+        spec, device = self.spec, self.spec.device
         features = self.embeddings.batch(batch, device)
         hw = (batch[0].height, batch[0].width)
         rows = _rows_for(self.prompts(batch, prompt_name, epoch), [hw] * len(batch), self.backbone)
-        low, iou_pred = _decode(self.backbone, features, rows, len(batch), self.spec.multimask, device)
+        three = "all" if epoch is not None else "best_iou"
+        masks = three if spec.multimask == "best_iou" else "single"
+        low, iou_pred = _decode(self.backbone, features, rows, len(batch), masks, device,
+                                single_point=three if spec.single_point_multimask else None)
         logits = self.backbone.postprocess(low, hw)
         target = torch.from_numpy(np.stack([self.mask(r) for r in batch])).to(device, torch.float32)[:, None]
         return logits, iou_pred, target
@@ -493,8 +542,10 @@ class DecoderFineTune:
     def train_epoch(self, epoch: int) -> float:
         """One pass over the training images (one view each); the mean training loss per image."""
         spec = self.spec
-        rng = _rng(spec.seed, spec.trial_id, "epoch", epoch)
-        chosen = [views[rng.integers(len(views))] for views in self.views.values()]
+        rng = _rng(spec.seed, "train", spec.train_seed, "epoch", epoch)
+        original_only = spec.prompt == "file"  # external prompts fit the original views only
+        chosen = [views[0] if original_only else views[pick]
+                  for views, pick in ((v, rng.integers(len(v))) for v in self.views.values())]
         batches = self.batches(chosen, rng)
         self.backbone.model.train()
         total, seen = torch.zeros((), device=spec.device), 0
@@ -504,9 +555,11 @@ class DecoderFineTune:
             group_loss = torch.zeros((), device=spec.device)
             for batch in group:
                 logits, iou_pred, target = self.forward(batch, spec.prompt, epoch)
-                loss = self.loss_fn(logits, target)
-                if spec.iou_loss_weight:
-                    loss = loss + spec.iou_loss_weight * iou_head_loss(iou_pred, logits, target)
+                loss = lowest_loss(self.loss_fn, logits, target)
+                if spec.iou_loss_weight:  # the IoU head regressed on every mask
+                    loss = loss + spec.iou_loss_weight * sum(
+                        iou_head_loss(iou_pred[:, k], logits[:, k:k + 1], target)
+                        for k in range(logits.shape[1])) / logits.shape[1]
                 (loss / len(group)).backward()
                 group_loss += loss.detach() * len(batch)
             if not torch.isfinite(group_loss):  # the one host sync per optimizer step
@@ -532,7 +585,7 @@ class DecoderFineTune:
         """Per-image metrics at the original resolution, and the mean loss, with the current decoder.
 
         `full`: every metric of `trainables.metrics.image_metrics` (the test table); otherwise
-        Dice and IoU only (the per-epoch validation, which needs no Hausdorff distance).
+        Dice and IoU only (the per-epoch validation, which needs no surface distances).
         `keep`, when given, receives image_id -> predicted mask for every image.
         """
         rows, loss_sum = [], torch.zeros((), device=self.spec.device)
@@ -547,8 +600,9 @@ class DecoderFineTune:
                     if keep is not None:
                         keep[record.image_id] = pred
                     if full:
-                        metrics = image_metrics(pred, truth, record.spacing)
+                        metrics = image_metrics(pred, truth, record.spacing, nsd_tolerance=self.spec.nsd_tolerance)
                         scores = {k: metrics[k] for k in ("dice", "iou", "miou", "hd95", "hd95_mm")}
+                        scores.update(hd95_penalised=int(metrics["hd95_penalised"]), nsd=metrics["nsd"])
                     else:
                         scores = {"dice": dice(pred, truth), "iou": iou(pred, truth)}
                     rows.append({"image_id": record.image_id, "subject": record.subject, "slice": record.slice_index,
@@ -603,6 +657,7 @@ def run_trial(spec: TrialSpec, prepared_root: Path, cache_root: Path, *, checkpo
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     dataset = open_prepared(Path(prepared_root))
     backbone = resident_backbone(spec) if keep_resident else _build(spec)
+    backbone.use_official_inference(spec.stage == "zero_shot")
     cache = EmbeddingCache.for_backbone(Path(cache_root), backbone, dataset.key)
     train = dataset.records_for("train", views=True)
     val, test = dataset.records_for("val"), dataset.records_for("test")
@@ -673,11 +728,18 @@ def run_trial(spec: TrialSpec, prepared_root: Path, cache_root: Path, *, checkpo
 
     backbone.load_decoder_state_dict(best["state"])
     val_rows = fine_tune.evaluate(val, eval_prompt, full=False)[0] if not history else []
+    seed = spec.train_seed if spec.stage == "finetune" else None
     per_image: list[dict] = []
+    per_subject: list[dict] = []
     kept: dict = {}
     for prompt_name in (spec.eval_prompts or (spec.prompt,)):
-        rows, _ = fine_tune.evaluate(test, prompt_name, keep=kept if prompt_name == eval_prompt else None)
-        per_image += [{"trial_id": spec.trial_id, "stage": spec.stage, **row} for row in rows]
+        predicted: dict = {}
+        rows, _ = fine_tune.evaluate(test, prompt_name, keep=predicted)
+        per_image += [{"trial_id": spec.trial_id, "stage": spec.stage, "seed": seed, **row} for row in rows]
+        per_subject += [{"trial_id": spec.trial_id, "stage": spec.stage, "seed": seed, "prompt": prompt_name, **row}
+                        for row in subject_rows(test, predicted, fine_tune.mask, spec.nsd_tolerance)]
+        if prompt_name == eval_prompt:
+            kept = predicted
     primary = [r for r in per_image if r["prompt"] == eval_prompt]
     ranked = sorted(primary, key=lambda r: r["dice"])
     chosen = {r["image_id"] for r in ranked[:KEPT_PREDICTIONS] + ranked[-KEPT_PREDICTIONS:]}
@@ -688,9 +750,43 @@ def run_trial(spec: TrialSpec, prepared_root: Path, cache_root: Path, *, checkpo
         "best_epoch": best["epoch"],
         "val_dice": history[best["epoch"] - 1]["val_dice"] if history else _mean(val_rows, "dice"),
         "test_dice": _mean(primary, "dice"), "test_iou": _mean(primary, "iou"),
-        "test_miou": _mean(primary, "miou"), "test_hd95": _mean(primary, "hd95"),
-        "test_hd95_skipped": sum(1 for r in primary if math.isnan(r["hd95"])),
-        "test_images": len(primary), "seconds": time.perf_counter() - started,
+        "test_miou": _mean(primary, "miou"), "test_hd95": _mean(primary, "hd95"), "test_nsd": _mean(primary, "nsd"),
+        "test_hd95_penalised": sum(r["hd95_penalised"] for r in primary),
+        "test_images": len(primary), "test_subjects": len({r["subject"] for r in primary}),
+        "seconds": time.perf_counter() - started,
         "cache": {**asdict(cache.counts), "from_memory": from_memory},
     }
-    return TrialResult(spec.trial_id, spec.stage, history, per_image, summary, predictions)
+    return TrialResult(spec.trial_id, spec.stage, history, per_image, summary, per_subject=per_subject,
+                       predictions=predictions)
+
+
+def subject_rows(records: list[SliceRecord], predicted: dict[str, np.ndarray], truth_of,
+                 nsd_tolerance: float) -> list[dict]:
+    """Per test subject, 3D metrics (`trainables.metrics.subject_metrics`) over its stacked slices.
+
+    A subject's scored slices are placed at their slice index in a (Z, H, W) stack from its
+    lowest to its highest index; a slice in between that was not scored (it holds no target, so
+    no ground-truth prompt exists for it) is empty in truth and prediction. Spacing (slice,
+    row, col) in mm where the records know it, so HD95 and NSD are in mm. A 2D image that is its
+    own subject gives a one-slice stack: its 3D values are its 2D values.
+    """
+    by_subject: dict[str, list[SliceRecord]] = defaultdict(list)
+    for record in records:
+        by_subject[record.subject].append(record)
+    rows = []
+    for subject, members in by_subject.items():
+        low = min(r.slice_index for r in members)
+        depth = max(r.slice_index for r in members) - low + 1
+        shape = (depth, members[0].height, members[0].width)
+        pred_stack, truth_stack = np.zeros(shape, bool), np.zeros(shape, bool)
+        for r in members:
+            pred_stack[r.slice_index - low] = predicted[r.image_id]
+            truth_stack[r.slice_index - low] = truth_of(r)
+        first = members[0]
+        spacing = None
+        if first.spacing is not None:
+            spacing = (first.slice_spacing or 1.0, *first.spacing)
+        metrics = subject_metrics(pred_stack, truth_stack, spacing, nsd_tolerance=nsd_tolerance)
+        rows.append({"subject": subject, **metrics, "hd95_3d_penalised": int(metrics["hd95_3d_penalised"]),
+                     "slices": len(members)})
+    return rows

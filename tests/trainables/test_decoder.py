@@ -12,7 +12,6 @@ import torch
 from trainables import decoder
 from trainables.backbones import build_backbone, resolve_weights
 from trainables.decoder import (
-    PER_IMAGE_COLUMNS,
     DecoderFineTune,
     EncoderInTheLoop,
     TrialFailed,
@@ -20,6 +19,7 @@ from trainables.decoder import (
     run_trial,
 )
 from trainables.prompts import Prompt
+from trainables.result_tables import PER_IMAGE_COLUMNS
 
 SMALL = 64
 HISTORY_KEYS = {"epoch", "train_loss", "val_loss", "val_dice", "val_iou", "seconds"}
@@ -52,19 +52,21 @@ def real_runs(phantom_dataset, litemedsam_weights):
         "center": run_trial(dataclasses.replace(base, trial_id="zs-center", stage="zero_shot", prompt="center_point",
                                                 eval_prompts=("center_point", "box")),
                             dataset.root, config.cache_dir),
+        # A single point takes the three-mask path (lowest loss, IoU head trained), whose masks
+        # start empty for LiteMedSAM: lr 1e-3 gets it out of there in 3 epochs (1e-4 needs about 10).
         "finetune": run_trial(dataclasses.replace(base, trial_id="ft-center", prompt="center_point", epochs=3,
-                                                  lr=1e-4, batch_size=4),
+                                                  lr=1e-3, batch_size=4),
                               dataset.root, config.cache_dir, on_epoch=lambda m, d: epochs_seen.append((m, d))),
     }
     return runs, epochs_seen
 
 
 @pytest.mark.slow
-def test_zero_shot_box_dice_is_well_above_chance(real_runs):
+def test_zero_shot_box_dice_is_well_above_chance(real_runs, phantom_dataset):
     runs, _ = real_runs
     box = runs["box"]
     assert box.history == [] and box.summary["epochs_run"] == 0
-    assert box.summary["test_images"] == 8
+    assert box.summary["test_images"] == len(phantom_dataset[1].records_for("test"))
     assert box.summary["test_dice"] > ZERO_SHOT_BOX_DICE_FLOOR
 
 
@@ -103,11 +105,12 @@ def test_per_image_rows_and_summary_agree(real_runs, phantom_dataset):
 def test_each_eval_prompt_gets_rows_and_eval_prompts_are_the_same_in_every_trial(real_runs):
     runs, _ = real_runs
     rows = runs["center"].per_image
-    assert [row["prompt"] for row in rows] == ["center_point"] * 8 + ["box"] * 8
-    assert runs["center"].summary["test_dice"] == pytest.approx(np.mean([r["dice"] for r in rows[:8]]))
+    n = len(rows) // 2
+    assert [row["prompt"] for row in rows] == ["center_point"] * n + ["box"] * n
+    assert runs["center"].summary["test_dice"] == pytest.approx(np.mean([r["dice"] for r in rows[:n]]))
     # The box rows of this trial score exactly as the zero-shot box trial: same prompts, same model.
     box_trial = {row["image_id"]: row["dice"] for row in runs["box"].per_image}
-    assert {row["image_id"]: row["dice"] for row in rows[8:]} == box_trial
+    assert {row["image_id"]: row["dice"] for row in rows[n:]} == box_trial
 
 
 @pytest.mark.slow
@@ -253,7 +256,7 @@ def test_fine_tune_pieces_logits_are_at_the_original_resolution(phantom_dataset)
     fine_tune = DecoderFineTune(spec, dataset, backbone, EncoderInTheLoop(backbone, dataset), epochs=0)
     logits, iou_pred, target = fine_tune.forward(records, "box", None)
     assert logits.shape == target.shape == (3, 1, records[0].height, records[0].width)
-    assert iou_pred.shape == (3,)
+    assert iou_pred.shape == (3, 1)
     assert torch.equal(target[:, 0].bool(), torch.from_numpy(np.stack([dataset.load(r)[1] for r in records])))
 
 

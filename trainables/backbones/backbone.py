@@ -201,6 +201,13 @@ class Backbone:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def use_official_inference(self, enabled: bool) -> None:
+        """Decode with the official predictor's inference-time settings (zero-shot evaluation).
+
+        Only SAM 2 has such a setting (`Sam2Backbone`); for the other families the official
+        predictor decodes exactly as `decode` does, so this does nothing.
+        """
+
     # ----------------------------------------------------------------------------- training
     def _trainable_decoder_items(self):
         for name, parameter in self.mask_decoder.named_parameters():

@@ -21,8 +21,12 @@ appended), and the decoder runs with ``repeat_image=False``, which is already on
 (image, prompt). The SAM 2.1 configs give ``iou_prediction_use_sigmoid: true``, so the IoU
 predictions are in [0, 1]. The object-score head is computed but not applied, as in the image
 predictor. The models are built from the YAML as it ships, without the "dynamic multimask via
-stability" fallback that ``build_sam2(apply_postprocessing=True)`` adds: token 0 is always the
-single-mask output, in training and evaluation alike.
+stability" fallback that ``build_sam2(apply_postprocessing=True)`` (the official builder's
+default) adds, so token 0 is the single-mask output in training and in the evaluation of a
+fine-tuned decoder (the token that was trained). Zero-shot evaluation switches the fallback on
+(`use_official_inference`), with the builder's delta 0.05 and threshold 0.98: a single-mask
+request then falls back to the best of the three multimask outputs when token 0's mask is
+unstable, exactly as ``SAM2ImagePredictor`` on a model from ``build_sam2`` does.
 
 Hydra. ``sam2/__init__.py`` calls ``initialize_config_module("sam2")`` at import, which leaves a
 process-wide ``GlobalHydra`` behind (and breaks another ``initialize`` later, e.g. in a Ray
@@ -109,6 +113,13 @@ class Sam2Backbone(Backbone):
     PROMPT_ENCODER = "sam_prompt_encoder"
     MASK_DECODER = "sam_mask_decoder"
     FROZEN_DECODER_PREFIXES = ("conv_s0.", "conv_s1.")
+
+    def use_official_inference(self, enabled: bool) -> None:
+        """Switch `build_sam2(apply_postprocessing=True)`'s dynamic multimask via stability on or off."""
+        decoder = self.mask_decoder
+        decoder.dynamic_multimask_via_stability = bool(enabled)
+        decoder.dynamic_multimask_stability_delta = 0.05
+        decoder.dynamic_multimask_stability_thresh = 0.98
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
