@@ -316,7 +316,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> StudyConfig:
         raise UserError(f"{path}:{where}: this is not valid YAML ({problem}). Fix the syntax "
                         f"there (indentation, a missing colon or an unclosed bracket).") from None
     if raw is None:
-        raw = {}
+        raise UserError(f"{path}: the study file is empty. A grid.yaml names at least the data and the factors "
+                        f"to compare; start from examples/quickstart.yaml (the embedded default) or "
+                        f"examples/grid.example.yaml (every key).")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a study file is a mapping of sections (study, data, factors, ...), "
                         f"but this one holds a {type(raw).__name__}.")

@@ -71,7 +71,7 @@ def test_seeds_and_evaluation_load_count_and_are_resolved(tmp_path):
 
 
 def test_seeds_and_evaluation_are_part_of_the_hash(tmp_path):
-    base = config_hash(load_config(write(tmp_path, "")))
+    base = config_hash(load_config(write(tmp_path, "study: {name: quickstart}\n")))
     assert config_hash(load_config(write(tmp_path, "search: {seeds: 2}\n"))) != base
     assert config_hash(load_config(write(tmp_path, "evaluation: {nsd_tolerance_mm: 1.0}\n"))) != base
     assert config_hash(load_config(write(tmp_path, "evaluation: {single_point_multimask: false}\n"))) != base
@@ -87,7 +87,7 @@ def test_random_and_optuna_count_draws_times_seeds(tmp_path):
 
 
 def test_config_is_frozen(tmp_path):
-    config = load_config(write(tmp_path, ""))
+    config = load_config(write(tmp_path, "study: {name: quickstart}\n"))
     with pytest.raises(Exception):
         config.study.seed = 3
 
@@ -129,6 +129,8 @@ def test_ranges_need_a_searcher_and_are_kept(tmp_path):
     ("evaluation: {clicks: 3}\n", [r"unknown key 'evaluation.clicks'", r"single_point_multimask"]),
     ("factors: [1, 2\n", [r"line 2", r"not valid YAML"]),
     ("- a\n- b\n", [r"mapping of sections"]),
+    ("", [r"the study file is empty", r"examples/quickstart.yaml"]),
+    ("# only a comment\n", [r"the study file is empty"]),
 ])
 def test_bad_input_is_named(tmp_path, text, expected):
     with pytest.raises(UserError) as info:
