@@ -115,8 +115,9 @@ def model_size_figure(points: pd.DataFrame, metric: str = "Dice"):
     return figure
 
 
-def box_plot(values: dict[str, np.ndarray], metric: str, note: str = ""):
-    """Horizontal box plots of per-image `metric`, one box per configuration (label -> values)."""
+def box_plot(values: dict[str, np.ndarray], metric: str, note: str = "", unit: str = "image"):
+    """Horizontal box plots of per-`unit` `metric` (unit: image or subject), one box per configuration
+    (label -> values)."""
     labels = list(values)
     figure, axes = plt.subplots(figsize=(7.5, max(2.5, 0.32 * len(labels) + 1.2)))
     data = [np.asarray(v, float)[np.isfinite(v)] for v in values.values()]
@@ -125,7 +126,7 @@ def box_plot(values: dict[str, np.ndarray], metric: str, note: str = ""):
                  flierprops={"markersize": 3, "alpha": 0.5})
     axes.invert_yaxis()
     axes.tick_params(axis="y", labelsize=7)
-    axes.set_xlabel(f"per-image test {metric}" + (f" ({note})" if note else ""))
+    axes.set_xlabel(f"per-{unit} test {metric}" + (f" ({note})" if note else ""))
     axes.set_title(f"{metric} per configuration (triangle: mean)", fontsize=10)
     axes.grid(axis="x", alpha=0.3)
     return figure

@@ -9,7 +9,9 @@ parent MLflow run. Results are read from the study folder, or from an MLflow exp
 
 The document is built once as a list of blocks (headings, paragraphs, tables, figures) and
 rendered twice, to Markdown and to HTML, so both say the same thing. Every number comes from
-analysis.statistics; this module only arranges and words them.
+analysis.statistics; this module only arranges and words them. Tables are per configuration
+(every factor but the training seed); "How the numbers are computed" states the protocol, with
+the values resolved.yaml records.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from analysis import figures
 from analysis.overlays import prediction_examples
 from analysis.results import (FINETUNE, ZERO_SHOT, ResultsError, StudyResults, format_level, load_from_mlflow,
                               load_study, read_resolved_config, read_tracking, search_ranges)
-from analysis.statistics import (ALPHA, BOOTSTRAP_RESAMPLES, CONFIDENCE, best_evaluation, cell_means, factor_tests,
-                                 format_p, hyperparameter_importance, marginal_means, summary_table, zero_shot_change)
+from analysis.statistics import (ALPHA, BOOTSTRAP_RESAMPLES, CONFIDENCE, NOISE_RULE, best_configuration, cell_means,
+                                 factor_tests, format_p, hyperparameter_importance, marginal_means, study_seed_sd,
+                                 subject_3d_table, summary_table, unit_values, zero_shot_change)
 
 
 # --- the document ---------------------------------------------------------------------------------
@@ -160,7 +163,19 @@ def _number(value, digits: int = 0) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float, np.number)) and np.isfinite(value) else "-"
 
 
+def _within(flag) -> str:
+    if flag is None or (isinstance(flag, float) and np.isnan(flag)):
+        return "not measured (one seed)"
+    return "within training noise" if flag else "beyond training noise"
+
+
 # --- the sections -----------------------------------------------------------------------------------
+
+ONE_SEED = ("Each configuration was trained once (one seed), so every effect in this report includes training "
+            "noise (the spread between runs that differ only in the seed) that this study cannot measure. To "
+            "measure it, train every configuration several times: set `search.seeds: N` in grid.yaml (e.g. "
+            "`search.seeds: 3`) and run the study again; the report then shows the seed-to-seed SD beside every "
+            "effect and flags the effects within it.")
 
 
 @dataclass
@@ -171,71 +186,206 @@ class ReportContext:
     summary: pd.DataFrame = None
     best_key: str | None = None
     best_rule: str = ""
+    tests: pd.DataFrame = None
+
+    @property
+    def unit(self) -> str:
+        return self.results.unit
+
+    @property
+    def n_units(self) -> str:
+        return f"n = {self.results.units} {self.results.unit}s"
+
+    def best_evaluation(self) -> pd.Series | None:
+        """The best configuration's first replicate (seed order): the one overlays and curves show."""
+        return self.results.evaluation(self.results.replicates(self.best_key)[0]) if self.best_key else None
+
+
+def _seed_sentence(ctx: ReportContext) -> str:
+    results = ctx.results
+    if results.seeds <= 1:
+        return ONE_SEED
+    sd, df = study_seed_sd(results)
+    declared = (results.config.get("search") or {}).get("seeds")
+    finetuned = results.configurations[results.configurations["stage"] == FINETUNE]
+    counts = sorted(set(int(k) for k in finetuned["seeds"]))
+    return (f"Seeds: search.seeds = {declared if declared is not None else 'not recorded'}; the fine-tuned "
+            f"configurations have {', '.join(map(str, counts))} finished seed(s) each. The seed-to-seed SD of a "
+            f"configuration's mean test Dice, pooled over the fine-tuned configurations, is {_number(sd, 3)} "
+            f"({df} degrees of freedom); every factor effect is shown beside it. Rule: {NOISE_RULE}.")
+
+
+def _unit_value(ctx: ReportContext) -> str:
+    """What one unit's value is, in words: 'per subject the mean over its test images, seeds averaged'."""
+    seeds = "seeds averaged" if ctx.results.seeds > 1 else "one seed"
+    if ctx.unit == "subject":
+        return f"per subject the mean over its test images, {seeds}"
+    return f"per image, {seeds}"
+
+
+def _protocol_bullets(ctx: ReportContext) -> list[str]:
+    """The evaluation protocol, in words, with the values resolved.yaml records (see DESIGN.md)."""
+    results, unit = ctx.results, ctx.unit
+    config = results.config
+    evaluation = config.get("evaluation") or {}
+    study = config.get("study") or {}
+    per_image, per_subject = results.per_image, results.per_subject
+    bullets = [
+        "Every number is computed from the per-image test results (results/per_image.csv or the per_image.csv "
+        "artifact of each MLflow trial run)" + (" and the per-subject 3D results (per_subject.csv)" if len(per_subject)
+                                                else "") +
+        ". An evaluation is one trial scored on the test images with one prompt. A configuration is every factor "
+        "but the training seed; with several seeds each of its evaluations is one replicate, and every table is per "
+        "configuration, its numbers means over the replicates (column Seeds).",
+        f"Unit of analysis: the {unit} ({ctx.n_units}): {results.unit_description}. Every n in this report counts "
+        f"{unit}s; CIs and paired tests treat {unit}s" + (", not slices," if unit == "subject" else "") +
+        " as the independent observations.",
+    ]
+    penalty = evaluation.get("hd95_penalty")
+    penalised = pd.to_numeric(per_image["hd95_penalised"], errors="coerce")
+    if penalised.notna().any():
+        rule = f"evaluation.hd95_penalty: {penalty}" if penalty is not None else "the penalty is not named in resolved.yaml"
+        text = (f"HD95 (95th-percentile Hausdorff distance) is in mm where spacing is known, else pixels. When exactly "
+                f"one of prediction and ground truth is empty it is a stated penalty, not a dropped value ({rule}): "
+                f"the image diagonal (the volume diagonal for 3D HD95). {int(penalised.sum())} of {len(per_image)} "
+                f"per-image scores are this penalty")
+        if len(per_subject):
+            penalised_3d = pd.to_numeric(per_subject["hd95_3d_penalised"], errors="coerce")
+            text += f", and {int(penalised_3d.sum())} of {len(per_subject)} per-subject 3D scores"
+        bullets.append(text + "; the tables count them per configuration.")
+    else:
+        hd95 = pd.to_numeric(per_image["hd95"], errors="coerce")
+        bullets.append(f"HD95 is in pixels of the original image (mm where the table says so). This study folder "
+                       f"records no HD95 penalty (per_image.csv has no hd95_penalised column: written by an older "
+                       f"version): HD95 is undefined when exactly one of prediction and ground truth is empty, and "
+                       f"those {int((~np.isfinite(hd95)).sum())} of {len(per_image)} image scores are left out of HD95 "
+                       f"and counted in the table.")
+    if pd.to_numeric(per_image["nsd"], errors="coerce").notna().any():
+        tolerance = evaluation.get("nsd_tolerance_mm")
+        value = f"{tolerance} (evaluation.nsd_tolerance_mm)" if tolerance is not None else "not recorded in resolved.yaml"
+        bullets.append(f"NSD is the normalised surface Dice (MONAI's surface Dice) at a tolerance of {value}: in mm "
+                       f"where spacing is known, in pixels for 2D images without spacing.")
+    else:
+        bullets.append("per_image.csv has no nsd column (written before NSD was measured): no NSD is shown.")
+    multimask = evaluation.get("single_point_multimask")
+    if multimask is True:
+        bullets.append("A single-point prompt is ambiguous, so it is evaluated by asking the model for 3 masks and "
+                       "keeping the one with the highest predicted IoU (evaluation.single_point_multimask: true), as "
+                       "the official SamPredictor and micro-sam do.")
+    elif multimask is False:
+        bullets.append("Single-point prompts are evaluated with the single-mask output "
+                       "(evaluation.single_point_multimask: false).")
+    else:
+        bullets.append("resolved.yaml does not record evaluation.single_point_multimask (a study written before it "
+                       "existed): how single-point prompts were scored is not recorded.")
+    if unit == "subject" or (len(per_subject) and (pd.to_numeric(per_subject["slices"], errors="coerce") > 1).any()):
+        if len(per_subject):
+            bullets.append("Volumes: every test slice that holds the target is evaluated (min_area filters training "
+                           "and validation slices only), with a ground-truth prompt on every target slice; per-subject "
+                           "3D Dice, HD95 and NSD are computed over the subject's stacked test slices (per_subject.csv).")
+        else:
+            bullets.append("Volumes: results/per_subject.csv is absent (a study written before 3D metrics), so there "
+                           "are no 3D metrics; a study of that age may also have left small test slices out (min_area).")
+    else:
+        bullets.append("The test images are 2D images, each its own subject; there are no 3D metrics to add.")
+    bullets.append(f"Every evaluation prompt is derived from the ground truth and seeded by (study seed "
+                   f"{study.get('seed', 'not recorded')}, image, prompt), so every trial, seed and baseline sees the "
+                   f"same prompts for an image.")
+    bullets.append(f"Means are over {unit}s. {CONFIDENCE:.0%} confidence intervals are percentile bootstrap "
+                   f"intervals over {unit}s ({BOOTSTRAP_RESAMPLES} resamples, numpy default_rng seed {ctx.seed}): with "
+                   f"one seed the cluster bootstrap (scipy.stats.bootstrap on the per-{unit} values, so whole {unit}s "
+                   f"are resampled); with several seeds a two-level bootstrap (analysis.statistics."
+                   f"two_level_bootstrap_ci): each resample draws the {unit}s with replacement and, independently, "
+                   f"each configuration's seeds with replacement (one draw for all {unit}s, as a seed's model scores "
+                   f"them all), and takes the mean over the drawn {unit}s of the mean over the drawn seeds.")
+    bullets.append(_seed_sentence(ctx))
+    bullets.append(f"The best configuration is the fine-tuned configuration with the "
+                   f"{ctx.best_rule or 'highest validation Dice'}, so its test numbers are not selected on the test set.")
+    bullets.append(f"Paired tests are two-sided Wilcoxon signed-rank tests (scipy.stats.wilcoxon, zero differences "
+                   f"dropped) on {unit}-level Dice ({_unit_value(ctx)}), matched {unit} by {unit}, Holm-adjusted "
+                   f"within each family (statsmodels multipletests, method holm); significance at {ALPHA} after Holm.")
+    return bullets
 
 
 def _introduction(doc: Document, ctx: ReportContext, source: str):
     results = ctx.results
-    ev = results.evaluations
+    ev, conf = results.evaluations, results.configurations
     finetune_trials = results.trials[results.trials["stage"] == FINETUNE]
-    zero_shot = ev[ev["stage"] == ZERO_SHOT]
+    zero_shot = conf[conf["stage"] == ZERO_SHOT]
     images = results.per_image["image_id"].nunique()
+    finetuned = conf[conf["stage"] == FINETUNE]
     doc.text(f"Source: {source}. {len(finetune_trials)} fine-tuning trial(s), "
-             f"{ev.loc[ev['stage'] == FINETUNE, 'trial_id'].nunique()} with test results; {len(zero_shot)} zero-shot "
-             f"evaluation(s); {images} distinct test image(s). Factors varied in the grid: "
-             f"{', '.join(results.grid_factors) or 'none'}"
+             f"{ev.loc[ev['stage'] == FINETUNE, 'trial_id'].nunique()} with test results, in {len(finetuned)} "
+             f"configuration(s) ({results.seeds or 0} seed(s) at most); {len(zero_shot)} zero-shot configuration(s); "
+             f"{images} distinct test image(s); unit of analysis: the {ctx.unit}, {ctx.n_units}. Factors varied in "
+             f"the grid: {', '.join(results.grid_factors) or 'none'}"
              + (f"; searched over a range: {', '.join(results.searched_factors)}" if results.searched_factors else "")
              + ".")
     doc.heading("How the numbers are computed", 3)
-    doc.bullets([
-        "Every number is computed from the per-image test results (results/per_image.csv or the per_image.csv "
-        "artifact of each MLflow trial run). An evaluation is one trial scored on the test images with one prompt.",
-        f"Means are over test images; {CONFIDENCE:.0%} confidence intervals are percentile bootstrap intervals over "
-        f"images ({BOOTSTRAP_RESAMPLES} resamples, numpy default_rng seed {ctx.seed}); n is the number of images.",
-        "HD95 is in pixels of the original image. It is undefined when exactly one of prediction and ground truth "
-        "is empty; such images are left out of HD95 and counted in the table.",
-        f"The best configuration is the fine-tuned evaluation with the {ctx.best_rule or 'highest validation Dice'}, "
-        "so its test numbers are not selected on the test set.",
-        "Paired tests are two-sided Wilcoxon signed-rank tests (scipy.stats.wilcoxon, zero differences dropped) on "
-        f"per-image Dice matched by image_id, Holm-adjusted within each family; significance at {ALPHA} after Holm.",
-    ])
+    doc.bullets(_protocol_bullets(ctx))
     if results.notes:
         doc.heading("Data notes", 3)
         doc.bullets(results.notes)
 
 
+def _order(summary: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([summary[summary["stage"] == ZERO_SHOT],
+                      summary[summary["stage"] != ZERO_SHOT].sort_values("dice_mean", ascending=False)])
+
+
+def _hd95_unit(summary: pd.DataFrame) -> tuple[str, str]:
+    """HD95 in mm when every configuration has it, else pixels: (column prefix, unit name)."""
+    if "hd95_mm_mean" in summary and summary["hd95_mm_mean"].notna().all():
+        return "hd95_mm", "mm"
+    return "hd95", "px"
+
+
 def _summary_section(doc: Document, ctx: ReportContext):
     results, summary = ctx.results, ctx.summary
     doc.heading("1. Summary of every configuration")
-    order = pd.concat([summary[summary["stage"] == ZERO_SHOT],
-                       summary[summary["stage"] != ZERO_SHOT].sort_values("dice_mean", ascending=False)])
+    order = _order(summary)
+    hd95, hd95_unit = _hd95_unit(order)
     shown = pd.DataFrame({
         "Configuration": order["label"],
         "Stage": order["stage"].str.replace("_", "-"),
         "Status": order["status"].fillna(""),
-        "n images": order["n_images"],
+        "Seeds": order["seeds"],
+        f"n {ctx.unit}s": order["n"],
         "Dice [95% CI]": [_ci(*v) for v in order[["dice_mean", "dice_low", "dice_high"]].to_numpy()],
+        "Dice seed SD": [_number(v, 3) for v in order["dice_seed_sd"]],
         "IoU [95% CI]": [_ci(*v) for v in order[["iou_mean", "iou_low", "iou_high"]].to_numpy()],
         "mIoU [95% CI]": [_ci(*v) for v in order[["miou_mean", "miou_low", "miou_high"]].to_numpy()],
-        "HD95 px [95% CI]": [_ci(*v, digits=1) for v in order[["hd95_mean", "hd95_low", "hd95_high"]].to_numpy()],
-        "HD95 n (undefined)": [f"{int(n)} ({int(m)})" for n, m in order[["hd95_n", "hd95_missing"]].to_numpy()],
-        "Epochs run": [_number(v) for v in order["epochs_run"]],
-        "Wall time (s)": [_number(v) for v in order["seconds"]],
-        "Encoder params": [_params(v) for v in order["image_encoder_params"]],
-        "Val Dice": [_number(v, 3) for v in order["val_dice"]],
+        "NSD [95% CI]": [_ci(*v) for v in order[["nsd_mean", "nsd_low", "nsd_high"]].to_numpy()],
+        f"HD95 {hd95_unit} [95% CI]": [_ci(*v, digits=1) for v in
+                                       order[[f"{hd95}_mean", f"{hd95}_low", f"{hd95}_high"]].to_numpy()],
     })
+    if order["hd95_penalised"].notna().any():
+        shown["HD95 penalised (of image scores)"] = [
+            "-" if np.isnan(k) else f"{int(k)} of {int(n)}" for k, n in order[["hd95_penalised", "hd95_scores"]].to_numpy()]
+    else:
+        shown["HD95 undefined, left out (of image scores)"] = [
+            f"{int(m)} of {int(n)}" for m, n in order[["hd95_missing", "hd95_scores"]].to_numpy()]
+    shown["Epochs run"] = [_number(v) for v in order["epochs_run"]]
+    shown["Wall time per trial (s)"] = [_number(v) for v in order["seconds"]]
+    shown["Encoder params"] = [_params(v) for v in order["image_encoder_params"]]
+    shown["Val Dice"] = [_number(v, 3) for v in order["val_dice"]]
     if ctx.best_key:
-        best_label = results.evaluation(ctx.best_key)["label"]
-        shown["Configuration"] = [f"{label} (best)" if label == best_label else label for label in shown["Configuration"]]
-    doc.table(shown, "summary", order, caption="Fine-tuned configurations are sorted by mean test Dice; "
-              "(best) marks the configuration chosen on validation Dice.")
+        shown["Configuration"] = [f"{label} (best)" if key == ctx.best_key else label
+                                  for label, key in zip(shown["Configuration"], order["configuration"])]
+    doc.table(shown, "summary", order, caption=f"One row per configuration; Seeds = its replicate trials, every number "
+              f"a mean over them (Val Dice, epochs and wall time per trial too). Means over {ctx.unit}s of the "
+              f"seed-averaged {ctx.unit} value with {CONFIDENCE:.0%} {ctx.unit}-level bootstrap CIs; HD95 is the "
+              f"penalised value where per_image.csv records the penalty. Fine-tuned configurations are sorted by "
+              f"mean test Dice; (best) marks the configuration chosen on validation Dice.")
     finished = set(results.evaluations["trial_id"])
     missing = results.trials[~results.trials["trial_id"].isin(finished)]
     if len(missing):
-        columns = ["trial_id", "stage", "status", *[f for f in ["backbone", *results.grid_factors] if f in missing]]
+        columns = ["trial_id", "stage", "status", *[f for f in ["backbone", *results.grid_factors, "seed"] if f in missing]]
         columns = list(dict.fromkeys(columns))
         doc.table(missing[columns].astype(str), "trials_without_results",
                   caption=f"{len(missing)} trial(s) have no per-image test results (failed or stopped before "
                           f"testing) and are left out of every number below.")
+    _subject_3d_section(doc, ctx)
     change = zero_shot_change(results, seed=ctx.seed)
     doc.heading("Zero-shot to fine-tuned, per backbone and prompt", 3)
     if change.empty:
@@ -246,15 +396,133 @@ def _summary_section(doc: Document, ctx: ReportContext):
         "Backbone": change["backbone"], "Prompt": change["prompt"],
         "Zero-shot Dice": [_number(v, 3) for v in change["zero_shot_mean"]],
         "Fine-tuned (best on val)": change["finetuned"].replace("", "none"),
+        "Seeds": change["seeds"],
         "Fine-tuned Dice": [_number(v, 3) for v in change["finetuned_mean"]],
         "Change [95% CI]": [_ci(m, lo, hi) for m, lo, hi in change[["change_mean", "change_low", "change_high"]].to_numpy()],
         "Median change": [_number(v, 3) for v in change["change_median"]],
-        "n": change["n"],
+        f"n {ctx.unit}s": change["n"],
         "p (Holm)": [format_p(p) for p in change["p_holm"]],
     })
-    doc.table(shown, "zero_shot_change", change, caption="Change = fine-tuned minus zero-shot per-image Dice on the "
-              "images both scored; the fine-tuned side is the same backbone and evaluation prompt's best "
-              "configuration on validation Dice. p: paired Wilcoxon, Holm-adjusted over this table's rows.")
+    if "target" in change:
+        shown.insert(0, "Target", change["target"])
+    doc.table(shown, "zero_shot_change", change, caption=f"Change = fine-tuned (seeds averaged) minus zero-shot Dice "
+              f"per {ctx.unit}, on the {ctx.unit}s both scored; the fine-tuned side is the same backbone and "
+              f"evaluation prompt's best configuration on validation Dice. CI: {ctx.unit}-level bootstrap (two-level "
+              f"over the fine-tuned seeds when it has several). p: paired Wilcoxon, Holm-adjusted over this table's rows.")
+
+
+def _region_levels(results: StudyResults) -> list:
+    """The targets of a study whose `data.target` is a list, in its order; [] for a one-target study."""
+    configurations = results.configurations
+    if "target" not in results.factors or "target" not in configurations:
+        return []
+    present = [v for v in pd.unique(configurations["target"]) if isinstance(v, str)]
+    declared = (results.config.get("data") or {}).get("target")
+    declared = declared if isinstance(declared, list) else []
+    levels = [v for v in declared if v in present] + [v for v in present if v not in declared]
+    return levels if len(levels) > 1 else []
+
+
+def region_table(ctx: ReportContext) -> pd.DataFrame:
+    """Per target: the best fine-tuned configuration at that target (`best_configuration`: by mean
+    validation Dice), its test Dice, HD95 and NSD with CIs (summary_table's), its 3D Dice when
+    per_subject.csv exists (subject_3d_table's), and the zero-shot evaluation of the same backbone
+    and prompt at that target. Empty for a one-target study."""
+    results, summary = ctx.results, ctx.summary.set_index("configuration")
+    levels = _region_levels(results)
+    if not levels:
+        return pd.DataFrame()
+    configurations = results.configurations
+    table_3d = subject_3d_table(results, seed=ctx.seed)
+    table_3d = table_3d.set_index("configuration") if not table_3d.empty else table_3d
+    hd95, _ = _hd95_unit(ctx.summary)
+    rows = []
+    for level in levels:
+        at = configurations[configurations["target"] == level]
+        best_key, rule = best_configuration(results, at[at["stage"] == FINETUNE])
+        zero_shot = at[at["stage"] == ZERO_SHOT]
+        row = {"target": level, "configuration": best_key or "", "selected_by": rule}
+        if best_key:
+            best, numbers = results.configuration(best_key), summary.loc[best_key]
+            zero_shot = zero_shot[(zero_shot["backbone"] == best["backbone"])
+                                  & (zero_shot["eval_prompt"] == best["eval_prompt"])]
+            row.update(label=best["label"], seeds=int(best["seeds"]), val_dice=best["val_dice"], n=numbers["n"])
+            for metric in ("dice", hd95, "nsd"):
+                row.update({f"{metric}_{part}": numbers[f"{metric}_{part}"] for part in ("mean", "low", "high")})
+            if len(table_3d) and best_key in table_3d.index:
+                row.update({f"dice_3d_{part}": table_3d.loc[best_key, f"dice_3d_{part}"] for part in ("mean", "low", "high")})
+        if len(zero_shot):
+            key = zero_shot["configuration"].iloc[0]
+            row.update(zero_shot=zero_shot["label"].iloc[0],
+                       **{f"zero_shot_dice_{part}": summary.loc[key, f"dice_{part}"] for part in ("mean", "low", "high")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _region_section(doc: Document, ctx: ReportContext):
+    """Section 1's per-region table, for a study of several targets (`data.target` a list)."""
+    table = region_table(ctx)
+    if table.empty:
+        return
+    hd95, hd95_unit = _hd95_unit(ctx.summary)
+
+    def cis(prefix: str, digits: int = 3) -> list[str]:
+        columns = [f"{prefix}_mean", f"{prefix}_low", f"{prefix}_high"]
+        if not set(columns) <= set(table):
+            return ["-"] * len(table)
+        return [_ci(*v, digits=digits) for v in table[columns].astype(float).to_numpy()]
+
+    doc.heading("Per region (data.target)", 3)
+    shown = pd.DataFrame({
+        "Target": table["target"],
+        "Best configuration (on val Dice)": table.get("label", pd.Series([""] * len(table))).fillna("none"),
+        "Seeds": [_number(v) for v in table.get("seeds", pd.Series([np.nan] * len(table)))],
+        "Val Dice": [_number(v, 3) for v in table.get("val_dice", pd.Series([np.nan] * len(table)))],
+        f"n {ctx.unit}s": [_number(v) for v in table.get("n", pd.Series([np.nan] * len(table)))],
+        "Test Dice [95% CI]": cis("dice"),
+        f"HD95 {hd95_unit} [95% CI]": cis(hd95, 1),
+        "NSD [95% CI]": cis("nsd"),
+    })
+    if not ctx.results.per_subject.empty:
+        shown["Dice 3D [95% CI]"] = cis("dice_3d")
+    shown["Zero-shot Dice [95% CI] (same backbone and prompt)"] = cis("zero_shot_dice")
+    doc.table(shown, "per_region", table, caption=f"One row per target (data.target): the fine-tuned configuration "
+              f"at that target with the highest mean validation Dice over its seeds, and its test numbers (means over "
+              f"{ctx.unit}s of the seed-averaged value with {CONFIDENCE:.0%} {ctx.unit}-level bootstrap CIs, as in the "
+              f"summary; Dice 3D per subject from per_subject.csv); the zero-shot column is the same backbone and "
+              f"evaluation prompt without training, at that target. Each target is scored on its own test slices "
+              f"(the same test subjects, every slice holding that target).")
+
+
+def _subject_3d_section(doc: Document, ctx: ReportContext):
+    results = ctx.results
+    doc.heading("Per-subject 3D metrics", 3)
+    if results.per_subject.empty:
+        doc.text("results/per_subject.csv is absent (a study written before per-subject 3D metrics, or read from "
+                 "MLflow runs without the per_subject.csv artifact): no 3D table.")
+        return
+    table = subject_3d_table(results, seed=ctx.seed)
+    if table.empty:
+        doc.text("per_subject.csv holds no rows of an evaluated configuration: no 3D table.")
+        return
+    order = pd.concat([table[table["stage"] == ZERO_SHOT],
+                       table[table["stage"] != ZERO_SHOT].sort_values("dice_3d_mean", ascending=False)])
+    mm = order["hd95_3d_mm_mean"].notna().all()
+    hd95, hd95_unit = ("hd95_3d_mm", "mm") if mm else ("hd95_3d", "voxels")
+    shown = pd.DataFrame({
+        "Configuration": order["label"], "Stage": order["stage"].str.replace("_", "-"), "Seeds": order["seeds"],
+        "n subjects": order["n"],
+        "Dice 3D [95% CI]": [_ci(*v) for v in order[["dice_3d_mean", "dice_3d_low", "dice_3d_high"]].to_numpy()],
+        f"HD95 3D {hd95_unit} [95% CI]": [_ci(*v, digits=1) for v in
+                                          order[[f"{hd95}_mean", f"{hd95}_low", f"{hd95}_high"]].to_numpy()],
+        "HD95 3D penalised (of subject scores)": ["-" if np.isnan(k) else f"{int(k)} of {int(n)}"
+                                                 for k, n in order[["hd95_3d_penalised", "scores"]].to_numpy()],
+        "NSD 3D [95% CI]": [_ci(*v) for v in order[["nsd_3d_mean", "nsd_3d_low", "nsd_3d_high"]].to_numpy()],
+        "Slices per subject (median)": [_number(v) for v in order["slices"]],
+    })
+    doc.table(shown, "subject_3d", order, caption="Per-subject 3D metrics (per_subject.csv): each subject's test slices "
+              "stacked at their slice index, 3D Dice, HD95 and NSD over the stack; means over subjects of the "
+              f"seed-averaged subject value with {CONFIDENCE:.0%} subject-level bootstrap CIs (two-level with seeds).")
 
 
 def _ablation_section(doc: Document, ctx: ReportContext):
@@ -267,20 +535,24 @@ def _ablation_section(doc: Document, ctx: ReportContext):
         marginal = marginal_means(results, factor, seed=ctx.seed)
         marginal_tables.append(marginal.drop(columns="cell_means"))
         doc.figure(figures.ablation_figure(marginal, factor), f"ablation_{factor}",
-                   f"Test Dice per level of {factor}: per image, the mean over the other factors' configurations at "
-                   f"that level; the mean over images with its 95% bootstrap CI (blue), and each configuration's "
-                   f"own mean (grey dots).")
+                   f"Test Dice per level of {factor}: per {ctx.unit}, the mean over the other factors' configurations "
+                   f"at that level (each averaged over its seeds); the mean over {ctx.unit}s with its 95% "
+                   f"{ctx.unit}-level bootstrap CI (blue), and each configuration's own mean (grey dots).")
     if marginal_tables:
         table = pd.concat(marginal_tables, ignore_index=True)
-        shown = table.assign(**{"Dice [95% CI]": [_ci(*v) for v in table[["mean", "low", "high"]].to_numpy()]})
-        doc.table(shown[["factor", "level", "cells", "n_images", "Dice [95% CI]"]], "marginal_means", table,
-                  caption="Marginal means of test Dice; cells = configurations averaged per image.")
+        shown = table.assign(**{"Dice [95% CI]": [_ci(*v) for v in table[["mean", "low", "high"]].to_numpy()],
+                                "seed SD": [_number(v, 3) for v in table["seed_sd"]]})
+        shown = shown.rename(columns={"n": f"n {ctx.unit}s"})
+        doc.table(shown[["factor", "level", "cells", "seeds", f"n {ctx.unit}s", "Dice [95% CI]", "seed SD"]],
+                  "marginal_means", table, caption="Marginal means of test Dice; cells = configurations averaged per "
+                  f"{ctx.unit}, seeds = their replicate trials, seed SD = the pooled seed-to-seed SD of their means.")
+        _noise_table(doc, ctx)
     if results.searched_factors:
         doc.text(f"Factors searched over a range ({', '.join(results.searched_factors)}) take a different value in "
                  f"every trial; they appear in section 6 (importance, parallel coordinates), not as levels here.")
     panels = {}
-    ev = results.evaluations
-    if "prompt" in ev and (ev["backbone"].nunique() > 1 or ev["eval_prompt"].nunique() > 1):
+    conf = results.configurations
+    if "prompt" in conf and (conf["backbone"].nunique() > 1 or conf["eval_prompt"].nunique() > 1):
         for stage, title in ((ZERO_SHOT, "zero-shot"), (FINETUNE, "fine-tuned (mean over other factors)")):
             key = "eval_prompt" if stage == ZERO_SHOT else "prompt"
             table = cell_means(results, "backbone", key, stage)
@@ -289,16 +561,40 @@ def _ablation_section(doc: Document, ctx: ReportContext):
     if panels:
         doc.figure(figures.interaction_heatmap(panels, "backbone", "prompt"), "interaction_backbone_prompt",
                    "Mean test Dice per backbone x prompt (zero-shot: the evaluated prompt; fine-tuned: the training "
-                   "prompt, each cell averaged per image over the other factors).")
+                   f"prompt, each cell averaged per {ctx.unit} over the other factors and the seeds).")
     _model_size(doc, ctx)
 
 
+def _noise_table(doc: Document, ctx: ReportContext):
+    """Every factor's effect beside the seed-to-seed spread (or the one-seed sentence)."""
+    tests = ctx.tests
+    doc.heading("Factor effects beside training noise", 3)
+    if tests is None or tests.empty:
+        return
+    if ctx.results.seeds <= 1:
+        doc.text(ONE_SEED)
+    else:
+        doc.text(f"Each effect is the mean paired difference A - B of test Dice per {ctx.unit} (seeds averaged). "
+                 f"Seed SD: the pooled seed-to-seed SD of a configuration's mean; noise SD: the SD seed noise alone "
+                 f"gives this difference. Rule: {NOISE_RULE}.")
+    shown = pd.DataFrame({
+        "Factor": tests["factor"], "Comparison": tests["comparison"],
+        "A": [format_level(v) for v in tests["level_a"]], "B": [format_level(v) for v in tests["level_b"]],
+        "Seeds A / B": [f"{a} / {b}" for a, b in tests[["seeds_a", "seeds_b"]].to_numpy()],
+        "Mean effect A-B": [_number(v, 3) for v in tests["mean_difference"]],
+        "Seed SD": [_number(v, 3) for v in tests["seed_sd"]],
+        "Noise SD of effect": [_number(v, 3) for v in tests["noise_sd"]],
+        "Training noise": [_within(v) for v in tests["within_noise"]],
+    })
+    doc.table(shown, "factor_effects", tests.drop(columns="sentence"))
+
+
 def _model_size(doc: Document, ctx: ReportContext):
-    results, summary = ctx.results, ctx.summary.set_index("evaluation")
+    results, summary = ctx.results, ctx.summary.set_index("configuration")
     points, skipped = [], []
-    for backbone, group in results.evaluations.groupby("backbone"):
+    for backbone, group in results.configurations.groupby("backbone"):
         for stage in (ZERO_SHOT, FINETUNE):
-            key, _ = best_evaluation(results, group[group["stage"] == stage])
+            key, _ = best_configuration(results, group[group["stage"] == stage])
             if key is None:
                 continue
             row = summary.loc[key]
@@ -306,8 +602,8 @@ def _model_size(doc: Document, ctx: ReportContext):
                 skipped.append(backbone)
                 continue
             points.append({"family": row["family"], "backbone": backbone, "params": row["image_encoder_params"],
-                           "stage": stage, "mean": row["dice_mean"], "low": row["dice_low"], "high": row["dice_high"],
-                           "configuration": row["label"]})
+                           "stage": stage, "seeds": row["seeds"], "mean": row["dice_mean"], "low": row["dice_low"],
+                           "high": row["dice_high"], "configuration": row["label"]})
     if not points:
         doc.text("No model-size plot: trials.csv records no image-encoder parameter counts.")
         return
@@ -318,7 +614,7 @@ def _model_size(doc: Document, ctx: ReportContext):
                f"on validation Dice; zero-shot points drawn {figures.ZERO_SHOT_NUDGE - 1:.0%} to the right so the "
                "error bars stay apart).")
     doc.table(table.assign(params=table["params"].map(_params), mean=table["mean"].map(lambda v: _number(v, 3)))[
-        ["family", "backbone", "params", "stage", "configuration", "mean"]], "model_size", table)
+        ["family", "backbone", "params", "stage", "configuration", "seeds", "mean"]], "model_size", table)
     if skipped:
         doc.text(f"Left out of the model-size plot (no parameter count): {', '.join(sorted(set(skipped)))}.")
 
@@ -326,32 +622,40 @@ def _model_size(doc: Document, ctx: ReportContext):
 def _per_image_section(doc: Document, ctx: ReportContext):
     results, summary = ctx.results, ctx.summary
     doc.heading("3. Per-image views")
-    order = pd.concat([summary[summary["stage"] == ZERO_SHOT],
-                       summary[summary["stage"] != ZERO_SHOT].sort_values("dice_mean", ascending=False)])
-    per_image = results.per_image
-    dice = {row["label"]: per_image.loc[per_image["evaluation"] == row["evaluation"], "dice"].to_numpy(float)
+    order = _order(summary)
+    unit = ctx.unit
+    seeds = " and seeds" if results.seeds > 1 else ""
+    dice = {row["label"]: unit_values(results, [row["configuration"]], "dice").to_numpy(float)
             for _, row in order.iterrows()}
-    doc.figure(figures.box_plot(dice, "Dice"), "box_dice", "Per-image test Dice per configuration.")
-    hd95 = {row["label"]: per_image.loc[per_image["evaluation"] == row["evaluation"], "hd95"].to_numpy(float)
+    doc.figure(figures.box_plot(dice, "Dice", unit=unit), "box_dice",
+               f"Test Dice per {unit} per configuration" + (f" (a subject's value: the mean over its test images"
+                                                            f"{seeds})" if unit == "subject" else
+                                                            (" (averaged over seeds)" if seeds else "")) + ".")
+    hd95 = {row["label"]: unit_values(results, [row["configuration"]], "hd95").to_numpy(float)
             for _, row in order.iterrows()}
-    undefined = int(order["hd95_missing"].sum())
+    if order["hd95_penalised"].notna().any():
+        note = f"{int(order['hd95_penalised'].sum())} penalised image scores included"
+    else:
+        note = f"{int(order['hd95_missing'].sum())} undefined image scores left out"
     if any(np.isfinite(v).any() for v in hd95.values()):
-        doc.figure(figures.box_plot(hd95, "HD95 (pixels)", f"{undefined} undefined values left out"), "box_hd95",
-                   f"Per-image test HD95 (pixels) per configuration; {undefined} image score(s) where HD95 is "
-                   f"undefined (one of prediction/truth empty) are left out.")
+        doc.figure(figures.box_plot(hd95, "HD95 (pixels)", note, unit=unit), "box_hd95",
+                   f"Test HD95 (pixels) per {unit} per configuration; {note} (penalty: the image diagonal where "
+                   f"exactly one of prediction and truth is empty; older studies left such scores undefined).")
     else:
         doc.text("No HD95 box plot: no image has a defined HD95.")
-    if ctx.best_key and per_image["area"].notna().any():
-        best = results.evaluation(ctx.best_key)
-        series = {f"best: {best['label']}": per_image.loc[per_image["evaluation"] == ctx.best_key, ["area", "dice"]]}
+    best = ctx.best_evaluation()
+    per_image = results.per_image
+    if best is not None and per_image["area"].notna().any():
+        replicate = f" (seed {format_level(best['seed'])})" if results.configuration(ctx.best_key)["seeds"] > 1 else ""
+        series = {f"best: {best['label']}": per_image.loc[per_image["evaluation"] == best.name, ["area", "dice"]]}
         ev = results.evaluations
         twin = ev[(ev["stage"] == ZERO_SHOT) & (ev["backbone"] == best["backbone"])
                   & (ev["eval_prompt"] == best["eval_prompt"])]
         for _, row in twin.iterrows():
             series[row["label"]] = per_image.loc[per_image["evaluation"] == row["evaluation"], ["area", "dice"]]
         doc.figure(figures.dice_vs_area(series), "dice_vs_area",
-                   "Per-image test Dice against the target's area (pixels, log scale) for the best configuration"
-                   + (" and the zero-shot model with the same backbone and prompt." if len(twin) else "."))
+                   f"Per-image test Dice against the target's area (pixels, log scale) for the best configuration"
+                   f"{replicate}" + (" and the zero-shot model with the same backbone and prompt." if len(twin) else "."))
     history = results.history
     if not history.empty and "val_dice" in history and history["val_dice"].notna().any():
         finetuned = results.evaluations[(results.evaluations["stage"] == FINETUNE) & results.evaluations["primary"]]
@@ -360,21 +664,22 @@ def _per_image_section(doc: Document, ctx: ReportContext):
         panels = {b: ids for b, ids in panels.items() if ids}
         if panels:
             labels = dict(zip(finetuned["trial_id"], finetuned["label"]))
-            best_trial = results.evaluation(ctx.best_key)["trial_id"] if ctx.best_key else None
+            best_trial = best["trial_id"] if best is not None else None
             doc.figure(figures.learning_curves(history, panels, best_trial, labels), "learning_curves",
-                       "Validation Dice by epoch, one line per trial, one panel per backbone; the best "
-                       "configuration's trial is drawn thick and black.")
+                       "Validation Dice by epoch, one line per trial (each seed its own trial), one panel per "
+                       "backbone; the best configuration's first trial is drawn thick and black.")
     else:
         doc.text("No learning curves: the study recorded no per-epoch validation Dice.")
 
 
 def _overlay_section(doc: Document, ctx: ReportContext):
     doc.heading("4. Overlays of the best configuration")
-    if not ctx.best_key:
+    best = ctx.best_evaluation()
+    if best is None:
         doc.text("No overlays: the study has no fine-tuned configuration with test results.")
         return
-    best = ctx.results.evaluation(ctx.best_key)
-    dice = ctx.results.per_image.loc[ctx.results.per_image["evaluation"] == ctx.best_key].set_index("image_id")["dice"]
+    per_image = ctx.results.per_image
+    dice = per_image.loc[per_image["evaluation"] == best.name].set_index("image_id")["dice"]
     examples, message = prediction_examples(ctx.study_dir, best["trial_id"], dice)
     if examples:
         doc.figure(figures.overlay_figure(examples, f"Best configuration: {best['label']}"), "overlays_best_config",
@@ -384,19 +689,22 @@ def _overlay_section(doc: Document, ctx: ReportContext):
 
 
 def _statistics_section(doc: Document, ctx: ReportContext):
-    results = ctx.results
+    results, tests, unit = ctx.results, ctx.tests, ctx.unit
     doc.heading("5. Paired statistics")
-    tests = factor_tests(results)
     if tests.empty:
         doc.text("No paired tests: no factor takes more than one value among the fine-tuned trials.")
         return
     tested = int(tests["p"].notna().sum())
-    best = results.evaluation(ctx.best_key)["label"] if ctx.best_key else "-"
-    doc.text(f"Per-image Dice is compared between every pair of levels of every grid factor, matched image by "
-             f"image, (a) with the other grid factors held at the best configuration's setting ({best}) and "
-             f"(b) pooled: per image, the mean over the other factors' configurations that ran at both levels. "
-             f"The {tested} tests form one family for Holm's adjustment. Effect sizes: the median paired "
-             f"difference and the matched-pairs rank-biserial correlation r.")
+    best = results.configuration(ctx.best_key)["label"] if ctx.best_key else "-"
+    doc.text(f"Test Dice per {unit} ({_unit_value(ctx)}) is compared between every pair of levels of every grid "
+             f"factor, matched {unit} by {unit}, (a) with the other grid factors held at the best configuration's "
+             f"setting ({best}) and (b) pooled: per {unit}, the mean over the other factors' configurations that "
+             f"ran at both levels. The {tested} tests form one family for Holm's adjustment. Effect sizes: the "
+             f"median paired difference and the matched-pairs rank-biserial correlation r; beside each, the mean "
+             f"effect against the seed-to-seed spread.")
+    if results.seeds <= 1:
+        doc.text("With one seed per configuration these tests compare single training runs: a significant difference "
+                 "may still be training noise (see Factor effects beside training noise).")
     for comparison, title in (("held at best", "(a) Other factors held at their best setting"),
                               ("pooled", "(b) Pooled over the other factors")):
         doc.heading(title, 3)
@@ -407,12 +715,14 @@ def _statistics_section(doc: Document, ctx: ReportContext):
     shown = pd.DataFrame({
         "Factor": tests["factor"], "Comparison": tests["comparison"],
         "A": [format_level(v) for v in tests["level_a"]], "B": [format_level(v) for v in tests["level_b"]],
-        "n": tests["n"], "Mean A": [_number(v, 3) for v in tests["mean_a"]],
+        f"n {unit}s": tests["n"], "Mean A": [_number(v, 3) for v in tests["mean_a"]],
         "Mean B": [_number(v, 3) for v in tests["mean_b"]],
         "Median A-B": [_number(v, 3) for v in tests["median_difference"]],
         "r (rank-biserial)": [_number(v, 2) for v in tests["rank_biserial"]],
         "W": [_number(v, 1) for v in tests["statistic"]], "p": [format_p(p) for p in tests["p"]],
         "p (Holm)": [format_p(p) for p in tests["p_holm"]],
+        "Seed SD": [_number(v, 3) for v in tests["seed_sd"]],
+        "Training noise": [_within(v) for v in tests["within_noise"]],
     })
     doc.table(shown, "paired_tests", tests)
 
@@ -446,18 +756,22 @@ def build_report(results: StudyResults, study_dir: Path, out_dir: Path, source: 
     doc = Document(out_dir)
     ctx = ReportContext(results, Path(study_dir), seed)
     ctx.summary = summary_table(results, seed=seed)
-    finetuned = results.evaluations[results.evaluations["stage"] == FINETUNE]
-    ctx.best_key, ctx.best_rule = best_evaluation(results, finetuned)
+    finetuned = results.configurations[results.configurations["stage"] == FINETUNE]
+    ctx.best_key, ctx.best_rule = best_configuration(results, finetuned)
+    ctx.tests = factor_tests(results)
     if ctx.best_key:
-        best = results.evaluation(ctx.best_key)
-        row = ctx.summary.set_index("evaluation").loc[ctx.best_key]
-        best_text = (f"Best configuration ({ctx.best_rule}): {best['label']} (trial {best['trial_id']}), test Dice "
-                     f"{_ci(row['dice_mean'], row['dice_low'], row['dice_high'])}, n = {int(row['n_images'])} images.")
+        best = results.configuration(ctx.best_key)
+        row = ctx.summary.set_index("configuration").loc[ctx.best_key]
+        seeds = f" over {int(row['seeds'])} seeds" if row["seeds"] > 1 else ""
+        best_text = (f"Best configuration ({ctx.best_rule}): {best['label']} (trial(s) {', '.join(best['trial_ids'])}), "
+                     f"test Dice {_ci(row['dice_mean'], row['dice_low'], row['dice_high'])}{seeds}, "
+                     f"n = {int(row['n'])} {ctx.unit}s.")
     else:
         best_text = "The study has no fine-tuned configuration with test results; only zero-shot evaluations are shown."
     _introduction(doc, ctx, source)
     doc.text(best_text)
     _summary_section(doc, ctx)
+    _region_section(doc, ctx)
     _ablation_section(doc, ctx)
     _per_image_section(doc, ctx)
     _overlay_section(doc, ctx)

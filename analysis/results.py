@@ -1,16 +1,25 @@
 """Reading a finished study back: the study folder or its MLflow experiment, into tables.
 
-`load_study(study_dir)` reads `resolved.yaml` and `results/{trials,per_image,history}.csv`;
+`load_study(study_dir)` reads `resolved.yaml` and `results/{trials,per_image,history}.csv`
+(and `results/per_subject.csv` when the study wrote one; older study folders lack it);
 `load_from_mlflow(uri, experiment)` reads the same facts from the trial runs of an MLflow
-experiment (params, metric histories, the `per_image.csv` artifact). Both return a
-`StudyResults`, whose derived tables the rest of the package works on:
+experiment (params, metric histories, the `per_image.csv` and `per_subject.csv` artifacts).
+Both return a `StudyResults`, whose derived tables the rest of the package works on:
 
-- `evaluations`: one row per *evaluation*, the unit every number in the report is about. An
-  evaluation is one trial (or zero-shot run) scored on the test images with one prompt. A trial
-  evaluated with several prompts (`eval_prompt: [box, center_point]`) gives several evaluations;
-  its `eval_prompt` column then holds the prompt of that evaluation, so `eval_prompt` can be a
-  factor of the study like any other.
-- `per_image`: the per-image rows, each tagged with the `evaluation` it belongs to.
+- `evaluations`: one row per *evaluation*: one trial (or zero-shot run) scored on the test
+  images with one prompt. A trial evaluated with several prompts (`eval_prompt: [box,
+  center_point]`) gives several evaluations; its `eval_prompt` column then holds the prompt of
+  that evaluation, so `eval_prompt` can be a factor of the study like any other.
+- `configurations`: one row per *configuration*: every factor but the training `seed` (stage,
+  backbone, the factors, the evaluated prompt). With `search.seeds: N` a configuration has N
+  evaluations, its replicates, which differ only in the seed; the report's tables are per
+  configuration, their numbers means over the replicates.
+- `per_image`: the per-image rows, each tagged with its `evaluation`, `configuration` and `unit`.
+- `per_subject`: the per-subject 3D rows (per_subject.csv), tagged the same way; empty when absent.
+- `unit`: the unit of analysis, `subject` when some test subject has several test images (the
+  slices of a volume) in one evaluation, else `image`. `unit_scores(metric)` is the unit x
+  evaluation matrix: a subject's value is the mean of the metric over its test images within
+  that evaluation; with `image` as the unit it is the image's own value.
 - `scores(metric)`: image x evaluation matrix of one per-image metric; images pair up by
   `image_id`, which is identical across trials for the same test image.
 
@@ -30,15 +39,21 @@ import numpy as np
 import pandas as pd
 import yaml
 
-# Factor names a study may have (study.config's `factors:` section), used only when a study
-# folder has no resolved.yaml to say which columns of trials.csv are factors.
-KNOWN_FACTORS = ("backbone", "optimizer", "loss", "prompt", "eval_prompt", "lr", "weight_decay", "momentum",
+# Factor names a study may have (study.config's `factors:` section, and `target` when `data.target`
+# is a list), used only when a study folder has no resolved.yaml to say which columns of trials.csv
+# are factors.
+KNOWN_FACTORS = ("target", "backbone", "optimizer", "loss", "prompt", "eval_prompt", "lr", "weight_decay", "momentum",
                  "epochs", "batch_size", "grad_accum", "schedule", "warmup_epochs", "swa", "multimask",
                  "train_prompt_encoder", "iou_loss_weight")
 TRIAL_COLUMNS = ("trial_id", "stage", "status", "backbone")
 PER_IMAGE_COLUMNS = ("trial_id", "image_id", "dice")
-PER_IMAGE_METRICS = ("dice", "iou", "miou", "hd95")
-TRIAL_METRICS = ("epochs_run", "val_dice", "test_dice", "test_iou", "test_miou", "test_hd95", "seconds")
+PER_IMAGE_METRICS = ("dice", "iou", "miou", "hd95", "hd95_mm", "hd95_penalised", "nsd")
+PER_SUBJECT_COLUMNS = ("trial_id", "subject")
+PER_SUBJECT_METRICS = ("dice_3d", "hd95_3d", "hd95_3d_mm", "hd95_3d_penalised", "nsd_3d", "slices", "voxels")
+TRIAL_METRICS = ("epochs_run", "val_dice", "test_dice", "test_iou", "test_miou", "test_hd95", "test_nsd",
+                 "test_hd95_penalised", "test_subjects", "seconds")
+# Trial columns that are not factors: the replicate index a configuration is trained with (search.seeds).
+NOT_FACTORS = ("seed",)
 HISTORY_METRICS = ("train_loss", "val_loss", "val_dice", "val_iou")
 ZERO_SHOT, FINETUNE = "zero_shot", "finetune"
 
@@ -52,14 +67,19 @@ class StudyResults:
     """Everything the report needs from a finished study, as pandas tables.
 
     trials:     trials.csv (one row per trial and per zero-shot evaluation).
-    per_image:  per_image.csv plus an `evaluation` column (see the module docstring).
+    per_image:  per_image.csv plus `evaluation`, `configuration` and `unit` columns.
     history:    history.csv (one row per trial and epoch); empty when none was written.
-    factors:    every factor column of trials (what `resolved.yaml`'s `factors:` lists).
+    factors:    every factor column of trials (what `resolved.yaml`'s `factors:` lists); never `seed`.
     name:       the study name.
     config:     resolved.yaml as a dict ({} when absent, e.g. read from MLflow alone).
-    evaluations: one row per evaluation: trial columns, `evaluation`, `n_images`, `primary`,
-                `label` (a short name for plots and tables).
+    evaluations: one row per evaluation: trial columns, `evaluation`, `n_images`, `primary`, `seed`,
+                `configuration`, `label` (a short name for plots and tables).
     notes:      things found while reading that the report must state (rows left out, ...).
+    per_subject: per_subject.csv plus `evaluation` and `configuration`; empty when the study wrote none.
+    configurations: one row per configuration (see the module docstring): its factors, `seeds` (the
+                number of replicate evaluations), `evaluations` and `trial_ids` (lists), `val_dice`,
+                `epochs_run` and `seconds` (means over the replicates), `status` (their statuses).
+    unit:       `subject` or `image`, the unit of analysis (see the module docstring).
     """
 
     name: str
@@ -70,12 +90,18 @@ class StudyResults:
     config: dict = field(default_factory=dict)
     evaluations: pd.DataFrame = field(default_factory=pd.DataFrame)
     notes: list[str] = field(default_factory=list)
+    per_subject: pd.DataFrame = field(default_factory=pd.DataFrame)
+    configurations: pd.DataFrame = field(default_factory=pd.DataFrame)
+    unit: str = "image"
 
     def __post_init__(self):
-        self._scores: dict[str, pd.DataFrame] = {}
+        self._scores: dict[tuple, pd.DataFrame] = {}
+        self.factors = [name for name in self.factors if name not in NOT_FACTORS]
         if self.evaluations.empty and not self.per_image.empty:
             self.per_image, self.evaluations = _build_evaluations(self)
-            self.evaluations["label"] = _labels(self)
+            _group_configurations(self)
+            self.per_image, self.unit = _tag_units(self.per_image)
+            self.per_subject = _tag_per_subject(self)
 
     @property
     def searched_factors(self) -> list[str]:
@@ -103,13 +129,72 @@ class StudyResults:
 
     def scores(self, metric: str = "dice") -> pd.DataFrame:
         """Per-image `metric` as an image_id x evaluation table (NaN where an image was not scored)."""
-        if metric not in self._scores:
-            self._scores[metric] = self.per_image.pivot(index="image_id", columns="evaluation", values=metric)
-        return self._scores[metric]
+        if ("image", metric) not in self._scores:
+            self._scores[("image", metric)] = self.per_image.pivot(index="image_id", columns="evaluation",
+                                                                   values=metric).astype(float)
+        return self._scores[("image", metric)]
+
+    def unit_scores(self, metric: str = "dice") -> pd.DataFrame:
+        """`metric` per unit of analysis as a unit x evaluation table.
+
+        A unit's value in an evaluation is the mean of the per-image `metric` over that unit's test
+        images in that evaluation (NaN values skipped; NaN when none is finite or the unit was not
+        scored). With `image` as the unit this is `scores(metric)` (rows named by image_id).
+        """
+        if ("unit", metric) not in self._scores:
+            values = self.per_image.assign(_value=pd.to_numeric(self.per_image[metric], errors="coerce"))
+            table = values.groupby(["unit", "evaluation"])["_value"].mean().unstack("evaluation")
+            self._scores[("unit", metric)] = table.reindex(columns=list(self.evaluations["evaluation"])).astype(float)
+        return self._scores[("unit", metric)]
+
+    def subject_scores_3d(self, metric: str = "dice_3d") -> pd.DataFrame:
+        """A per_subject.csv metric as a subject x evaluation table (empty without per_subject.csv)."""
+        if self.per_subject.empty or metric not in self.per_subject:
+            return pd.DataFrame()
+        if ("3d", metric) not in self._scores:
+            table = self.per_subject.pivot(index="subject", columns="evaluation", values=metric)
+            self._scores[("3d", metric)] = table.apply(pd.to_numeric, errors="coerce").astype(float)
+        return self._scores[("3d", metric)]
+
+    @property
+    def units(self) -> int:
+        """The number of distinct units of analysis (subjects or images) among the test results."""
+        return int(self.per_image["unit"].nunique())
+
+    @property
+    def unit_description(self) -> str:
+        """What the unit is and how many there are, in words (for the report)."""
+        images = self.per_image["image_id"].nunique()
+        if self.unit == "subject":
+            sizes = self.per_image.groupby(["evaluation", "unit"])["image_id"].nunique().groupby("unit").max()
+            return (f"{self.units} test subjects with {int(sizes.min())} to {int(sizes.max())} test images each "
+                    f"({images} test images); a subject's value of a per-image metric is the mean of that metric "
+                    f"over the subject's test images within one evaluation")
+        why = ("each test subject has one test image" if "subject" in self.per_image
+               and self.per_image["subject"].notna().any() else "per_image.csv records no subject")
+        return f"{self.units} test images, each its own unit ({why})"
+
+    @property
+    def seeds(self) -> int:
+        """The most replicates any fine-tuned configuration has (search.seeds where all finished)."""
+        finetuned = self.configurations[self.configurations["stage"] == FINETUNE] if len(self.configurations) else None
+        return int(finetuned["seeds"].max()) if finetuned is not None and len(finetuned) else 0
 
     def evaluation(self, key: str) -> pd.Series:
         """The evaluations row with `evaluation == key`."""
         return self.evaluations.set_index("evaluation").loc[key]
+
+    def configuration(self, key: str) -> pd.Series:
+        """The configurations row with `configuration == key`."""
+        indexed = self._scores.get(("configurations", id(self.configurations)))
+        if indexed is None:
+            indexed = self.configurations.set_index("configuration")
+            self._scores[("configurations", id(self.configurations))] = indexed
+        return indexed.loc[key]
+
+    def replicates(self, key: str) -> list[str]:
+        """The evaluations (one per seed, in seed order) of configuration `key`."""
+        return list(self.configuration(key)["evaluations"])
 
 
 # --- the study folder ---------------------------------------------------------------------------
@@ -154,7 +239,7 @@ def read_tracking(study_dir: Path) -> dict | None:
 
 def _read_csv(path: Path, required: tuple[str, ...], study_dir: Path) -> pd.DataFrame:
     try:
-        table = pd.read_csv(path, dtype={"trial_id": str, "image_id": str})
+        table = pd.read_csv(path, dtype={"trial_id": str, "image_id": str, "subject": str})
     except pd.errors.EmptyDataError:
         table = pd.DataFrame(columns=list(required))
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
@@ -192,14 +277,20 @@ def load_study(study_dir: str | Path) -> StudyResults:
     history = (_read_csv(history_path, ("trial_id", "epoch"), study_dir) if history_path.is_file()
                else pd.DataFrame(columns=["trial_id", "epoch", *HISTORY_METRICS, "seconds"]))
     notes = [] if history_path.is_file() else ["results/history.csv is absent: no learning curves."]
+    per_subject_path = results_dir / "per_subject.csv"  # optional: written since the 3D metrics
+    per_subject = (_read_csv(per_subject_path, PER_SUBJECT_COLUMNS, study_dir) if per_subject_path.is_file()
+                   else pd.DataFrame())
     if config:
         factors = [name for name in (config.get("factors") or {}) if name in trials.columns]
+        if isinstance((config.get("data") or {}).get("target"), list) and "target" in trials.columns:
+            factors.insert(0, "target")  # data.target as a list: a grid axis, kept under data: not factors:
     else:
         factors = [name for name in KNOWN_FACTORS if name in trials.columns]
         notes.append(f"{study_dir} has no resolved.yaml: factors taken from the trials.csv columns "
                      f"({', '.join(factors)}).")
     name = str((config.get("study") or {}).get("name") or study_dir.name)
-    return _assemble(name, trials, per_image, history, factors, config, notes, source=str(results_dir))
+    return _assemble(name, trials, per_image, history, factors, config, notes, source=str(results_dir),
+                     per_subject=per_subject)
 
 
 # --- MLflow ---------------------------------------------------------------------------------------
@@ -223,9 +314,10 @@ def load_from_mlflow(tracking_uri: str, experiment: str, config: dict | None = N
     """Read a study from its MLflow experiment into a `StudyResults`.
 
     Trial runs are the runs tagged `sam_study.role=trial`; their tags give trial_id, stage and
-    status, their params the factors plus family and image_encoder_params, their final metrics
-    test_dice/test_iou/test_miou/test_hd95/epochs_run/seconds, their per-epoch metrics (step =
-    epoch) the history, and their `per_image.csv` artifact the per-image rows. A trial's
+    status, their params the factors plus family, image_encoder_params and the replicate `seed`
+    (not a factor), their final metrics TRIAL_METRICS, their per-epoch metrics (step = epoch)
+    the history, their `per_image.csv` artifact the per-image rows and their `per_subject.csv`
+    artifact (when logged) the per-subject 3D rows. A trial's
     `val_dice` is the value at its logged `best_epoch` when there is one, else the maximum over
     epochs (the epoch the default selection, val_dice/max, restores), else the last logged value.
     Zero-shot runs have no epochs, so no history. `config` is the study's resolved.yaml as a dict
@@ -262,7 +354,7 @@ def load_from_mlflow(tracking_uri: str, experiment: str, config: dict | None = N
                            f"sam_study.role=trial): the study has not finished any trial; run python -m study.run "
                            f"<grid.yaml> to resume it.")
     parents = runs_tagged("parent")
-    trial_rows, per_image_tables, history_tables = [], [], []
+    trial_rows, per_image_tables, per_subject_tables, history_tables = [], [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         for run in sorted(trial_runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
             tags, metrics = run.data.tags, run.data.metrics
@@ -285,36 +377,46 @@ def load_from_mlflow(tracking_uri: str, experiment: str, config: dict | None = N
                 row["val_dice"] = float(best["val_dice"].iloc[0] if len(best) else epochs["val_dice"].max())
                 history_tables.append(epochs.assign(trial_id=trial_id))
             trial_rows.append(row)
-            if any(a.path == "per_image.csv" for a in client.list_artifacts(run.info.run_id)):
-                local = client.download_artifacts(run.info.run_id, "per_image.csv", scratch)
-                per_image_tables.append(pd.read_csv(local, dtype={"trial_id": str, "image_id": str})
-                                        .assign(trial_id=trial_id))
+            logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+            for artifact, tables in (("per_image.csv", per_image_tables), ("per_subject.csv", per_subject_tables)):
+                if artifact in logged:
+                    local = client.download_artifacts(run.info.run_id, artifact, scratch)
+                    tables.append(pd.read_csv(local, dtype={"trial_id": str, "image_id": str, "subject": str})
+                                  .assign(trial_id=trial_id))
     trials = _typed_params(trial_rows)
     per_image = pd.concat(per_image_tables, ignore_index=True) if per_image_tables else pd.DataFrame(
         columns=list(PER_IMAGE_COLUMNS))
     history = (pd.concat(history_tables, ignore_index=True) if history_tables
                else pd.DataFrame(columns=["trial_id", "epoch", *HISTORY_METRICS]))
     history = history[["trial_id", "epoch"] + [c for c in history.columns if c not in ("trial_id", "epoch")]]
+    per_subject = pd.concat(per_subject_tables, ignore_index=True) if per_subject_tables else pd.DataFrame()
     # Parameter counts (image_encoder_params, mask_decoder_params, ...) describe a backbone; they are not factors.
-    factors = [c for c in trials.columns if c not in (*TRIAL_COLUMNS[:3], *TRIAL_METRICS, "family")
+    factors = [c for c in trials.columns if c not in (*TRIAL_COLUMNS[:3], *TRIAL_METRICS, *NOT_FACTORS, "family")
                and not c.endswith("_params")]
     name = experiment
     if parents:
         name = parents[0].data.tags.get("mlflow.runName") or parents[0].info.run_name or experiment
     return _assemble(name, trials, per_image, history, factors, dict(config or {}), [],
-                     source=f"MLflow experiment {experiment!r} at {tracking_uri}")
+                     source=f"MLflow experiment {experiment!r} at {tracking_uri}", per_subject=per_subject)
 
 
 # --- evaluations ----------------------------------------------------------------------------------
 
 
-def _assemble(name, trials, per_image, history, factors, config, notes, source) -> StudyResults:
+def _assemble(name, trials, per_image, history, factors, config, notes, source,
+              per_subject: pd.DataFrame | None = None) -> StudyResults:
     """Check the tables against each other and build a StudyResults."""
     trials = trials.copy()
     trials["trial_id"] = trials["trial_id"].astype(str)
     for column in ("family", "image_encoder_params", *TRIAL_METRICS):
         if column not in trials.columns:
             trials[column] = np.nan
+    if "seed" not in trials.columns:  # older folders: no replicate seed; per_image.csv may still say it
+        seeds = (per_image.dropna(subset=["seed"]).groupby(per_image["trial_id"].astype(str))["seed"].first()
+                 if "seed" in per_image.columns else pd.Series(dtype=float))
+        trials["seed"] = trials["trial_id"].map(seeds)
+    trials["seed"] = pd.to_numeric(trials["seed"], errors="coerce")
+    trials.loc[trials["stage"] == ZERO_SHOT, "seed"] = np.nan  # a zero-shot run is trained by no seed
     if trials["trial_id"].duplicated().any():
         repeated = sorted(trials.loc[trials["trial_id"].duplicated(), "trial_id"].unique())
         raise ResultsError(f"{source}: trials.csv lists trial(s) {', '.join(repeated[:5])} more than once. Each "
@@ -347,12 +449,42 @@ def _assemble(name, trials, per_image, history, factors, config, notes, source) 
     if not history.empty:
         history = history.copy()
         history["trial_id"] = history["trial_id"].astype(str)
+    per_subject = _check_per_subject(per_subject, trials, notes, source)
     results = StudyResults(name, trials.reset_index(drop=True), per_image.reset_index(drop=True), history,
-                           list(factors), config, notes=notes)
+                           list(factors), config, notes=notes, per_subject=per_subject)
     if results.evaluations.empty:
         raise ResultsError(f"{source} holds no per-image test results: no trial has finished its test "
                            f"evaluation yet; run python -m study.run <grid.yaml> to resume the study.")
     return results
+
+
+def _check_per_subject(per_subject: pd.DataFrame | None, trials: pd.DataFrame, notes: list[str],
+                       source: str) -> pd.DataFrame:
+    """per_subject.csv rows of known trials, with a `prompt` (the trial's when absent); empty when none."""
+    if per_subject is None or per_subject.empty:
+        return pd.DataFrame()
+    per_subject = per_subject.copy()
+    per_subject["trial_id"] = per_subject["trial_id"].astype(str)
+    per_subject["subject"] = per_subject["subject"].astype(str)
+    for column in PER_SUBJECT_METRICS:
+        if column not in per_subject.columns:
+            per_subject[column] = np.nan
+    if "prompt" not in per_subject.columns:
+        per_subject["prompt"] = per_subject["trial_id"].map(trials.set_index("trial_id")["prompt"])
+    per_subject["prompt"] = per_subject["prompt"].astype(str)
+    unknown = ~per_subject["trial_id"].isin(trials["trial_id"])
+    if unknown.any():
+        notes.append(f"per-subject rows of {per_subject.loc[unknown, 'trial_id'].nunique()} trial(s) missing from "
+                     f"trials.csv were left out.")
+        per_subject = per_subject[~unknown]
+    per_subject = per_subject[~per_subject.duplicated()]
+    key = ["trial_id", "prompt", "subject"]
+    if per_subject.duplicated(key).any():
+        bad = per_subject.loc[per_subject.duplicated(key), key].iloc[0]
+        raise ResultsError(f"{source}: per_subject.csv scores subject {bad['subject']} of trial {bad['trial_id']} "
+                           f"(prompt {bad['prompt']}) twice with different values. Remove the stale rows or re-run "
+                           f"the trial.")
+    return per_subject.reset_index(drop=True)
 
 
 def format_level(value) -> str:
@@ -406,28 +538,99 @@ def _build_evaluations(results: StudyResults) -> tuple[pd.DataFrame, pd.DataFram
     return per_image, evaluations
 
 
-def _labels(results: StudyResults) -> list[str]:
-    """Short unique names: the backbone and every factor that varies, zero-shot marked as such."""
+def _level_key(value):
+    """A factor value as a hashable grouping key, NaN (a factor left at its default) as one level."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "<none>"
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _configuration_label(row: pd.Series, varying: list[str]) -> str:
+    """The short name of a configuration: the backbone and every factor that varies."""
+    if row["stage"] == ZERO_SHOT:
+        target = row.get("target")
+        region = f" · {target}" if isinstance(target, str) and "target" in varying else ""
+        return f"zero-shot · {row['backbone']} · {row['eval_prompt']}{region}"
+    parts = [str(row["backbone"])]
+    for name in varying:
+        value = row[name]
+        if name == "eval_prompt":
+            parts.append(f"eval {value}")
+        elif isinstance(value, str):
+            parts.append(value)
+        else:
+            parts.append(f"{name}={format_level(value)}")
+    return " · ".join(parts)
+
+
+def _group_configurations(results: StudyResults) -> None:
+    """Group the evaluations into configurations (every factor but the seed) and label both.
+
+    Sets evaluations' `configuration` and `label` columns (a replicate's label is its
+    configuration's plus `seed k`) and builds results.configurations (see StudyResults).
+    """
     evaluations = results.evaluations
+    if "seed" not in evaluations:
+        evaluations["seed"] = np.nan
+    axes = [a for a in dict.fromkeys(["stage", "backbone", *results.factors, "eval_prompt"]) if a in evaluations]
+    keys = [tuple(_level_key(v) for v in values) for values in evaluations[axes].itertuples(index=False)]
+    groups: dict[tuple, list[int]] = {}
+    for position, key in enumerate(keys):
+        groups.setdefault(key, []).append(position)
     varying = [f for f in results.grid_factors + results.searched_factors if f != "backbone"]
-    labels = []
-    for _, row in evaluations.iterrows():
-        if row["stage"] == ZERO_SHOT:
-            labels.append(f"zero-shot · {row['backbone']} · {row['eval_prompt']}")
-            continue
-        parts = [str(row["backbone"])]
-        for name in varying:
-            value = row[name]
-            if name == "eval_prompt":
-                parts.append(f"eval {value}")
-            elif isinstance(value, str):
-                parts.append(value)
-            else:
-                parts.append(f"{name}={format_level(value)}")
-        labels.append(" · ".join(parts))
-    counts = pd.Series(labels).value_counts()
-    return [f"{label} #{key}" if counts[label] > 1 else label
-            for label, key in zip(labels, evaluations["trial_id"])]
+    labels = {key: _configuration_label(evaluations.iloc[members[0]], varying) for key, members in groups.items()}
+    counts = pd.Series(list(labels.values())).value_counts()
+    configuration_of, label_of, rows = [None] * len(evaluations), [None] * len(evaluations), []
+    for key, members in groups.items():
+        members = sorted(members, key=lambda i: (np.nan_to_num(evaluations.iloc[i]["seed"], nan=-1.0),
+                                                 evaluations.iloc[i]["evaluation"]))
+        first = evaluations.iloc[members[0]]
+        name = labels[key] if counts[labels[key]] == 1 else f"{labels[key]} #{first['trial_id']}"
+        for i in members:
+            configuration_of[i] = name
+            seed = evaluations.iloc[i]["seed"]
+            replicate = f"seed {format_level(seed)}" if pd.notna(seed) else f"#{evaluations.iloc[i]['trial_id']}"
+            label_of[i] = name if len(members) == 1 else f"{name} · {replicate}"
+        chosen = evaluations.iloc[members]
+        row = first.drop(labels=["evaluation", "trial_id", "label"], errors="ignore").to_dict()
+        statuses = [str(v) for v in pd.unique(chosen["status"].fillna(""))]
+        row.update(configuration=name, label=name, seeds=len(members), evaluations=list(chosen["evaluation"]),
+                   trial_ids=list(chosen["trial_id"]), seed_values=list(chosen["seed"]), status=", ".join(statuses),
+                   n_images=int(chosen["n_images"].max()))
+        for column in ("val_dice", "epochs_run", "seconds"):
+            values = pd.to_numeric(chosen[column], errors="coerce")
+            row[column] = float(values.mean()) if values.notna().any() else math.nan
+        rows.append(row)
+    evaluations["configuration"] = configuration_of
+    evaluations["label"] = label_of
+    results.configurations = pd.DataFrame(rows)
+    results.per_image = results.per_image.assign(
+        configuration=results.per_image["evaluation"].map(evaluations.set_index("evaluation")["configuration"]))
+
+
+def _tag_units(per_image: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Add the `unit` column: the subject when some subject has several test images in one
+    evaluation (volume slices), else the image_id (a 2D image, or no subject recorded)."""
+    if "subject" in per_image.columns and per_image["subject"].notna().any():
+        subject = per_image["subject"].where(per_image["subject"].notna(), per_image["image_id"]).astype(str)
+        sizes = per_image.assign(_subject=subject).groupby(["evaluation", "_subject"])["image_id"].nunique()
+        if (sizes > 1).any():
+            return per_image.assign(unit=subject), "subject"
+    return per_image.assign(unit=per_image["image_id"].astype(str)), "image"
+
+
+def _tag_per_subject(results: StudyResults) -> pd.DataFrame:
+    """per_subject rows tagged with their evaluation and configuration (rows of no evaluation dropped)."""
+    per_subject = results.per_subject
+    if per_subject is None or per_subject.empty:
+        return pd.DataFrame()
+    keys = results.evaluations.set_index(["trial_id", "eval_prompt"])["evaluation"]
+    evaluation = [keys.get((t, p)) for t, p in zip(per_subject["trial_id"], per_subject["prompt"])]
+    per_subject = per_subject.assign(evaluation=evaluation).dropna(subset=["evaluation"])
+    configuration = results.evaluations.set_index("evaluation")["configuration"]
+    return per_subject.assign(configuration=per_subject["evaluation"].map(configuration)).reset_index(drop=True)
 
 
 def _check_trial_means(results: StudyResults, evaluations: pd.DataFrame, per_image: pd.DataFrame) -> None:

@@ -1,42 +1,58 @@
-"""The statistics of the report: bootstrap confidence intervals, paired Wilcoxon tests, Holm.
+"""The statistics of the report: subject-level bootstrap CIs, paired Wilcoxon tests, Holm, seed noise.
 
-Every function takes plain arrays and returns plain numbers, so each can be checked by hand:
+The primitives take plain arrays and return plain numbers, so each can be checked by hand:
 
-- `bootstrap_mean_ci`: the mean of per-image values and its percentile-bootstrap confidence
-  interval (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13): resample the
-  images with replacement `n_resamples` times from a generator seeded with `seed`, take the mean
-  of each resample, and read the interval off the resample means' percentiles. Non-finite values
-  (an HD95 that is undefined because one of prediction/truth is empty) are left out and counted.
+- `bootstrap_mean_ci`: the mean of per-unit values and its percentile-bootstrap confidence
+  interval (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13), computed by
+  `scipy.stats.bootstrap(method="percentile")`. Given one value per subject it is the cluster
+  (subject-level) bootstrap: whole subjects are resampled, so slices of one subject never count
+  as independent evidence. Non-finite values are left out and counted.
+- `two_level_bootstrap_ci`: the same with replicate seeds, which scipy does not do: resample the
+  subjects and, independently, the seeds (each seed's model scores every subject, so seeds and
+  subjects are crossed factors: Owen, 2007, "The pigeonhole bootstrap", Ann. Appl. Stat. 1:386-411).
+  Written out here, exactly as its docstring says, from a seeded `np.random.default_rng`.
+- `replicate_mean_ci`: chooses between the two (cluster with one seed, two-level with several).
 - `paired_wilcoxon`: scipy's Wilcoxon signed-rank test on matched pairs, with two effect sizes:
   the median paired difference and the matched-pairs rank-biserial correlation (Kerby, 2014,
   "The simple difference formula", Comprehensive Psychology 3:11.IT.3.1).
 - `holm`: Holm's step-down adjustment of a family of p-values (Holm, 1979, "A simple sequentially
-  rejective multiple test procedure", Scand. J. Statist. 6:65-70), written out here because
-  statsmodels is not a dependency.
+  rejective multiple test procedure", Scand. J. Statist. 6:65-70), by statsmodels' `multipletests`.
+- `seed_sd`, `pooled_seed_sd`, `difference_noise_sd`, `within_noise`: the training noise that
+  replicate seeds measure, and the rule that flags an effect as within it (NOISE_RULE).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
 from analysis.results import FINETUNE, ZERO_SHOT, format_level, search_ranges
 
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
 ZERO_DIFFERENCE = 1e-12
+NOISE_MULTIPLE = 2.0
+NOISE_RULE = (f"an effect is within training noise when |mean effect| < {NOISE_MULTIPLE:g} x the SD that seed noise "
+              f"alone gives the difference of the two sides' seed-averaged means, sigma x sqrt(v_a + v_b), where sigma "
+              f"is the pooled seed-to-seed SD of a configuration's mean and v = mean(1/seeds) / configurations for "
+              f"each side (sqrt(2 / n_seeds) x sigma for two single configurations with n_seeds seeds each)")
+_SCIPY_RNG = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
 
 
 @dataclass(frozen=True)
 class MeanCI:
-    """A mean over images with its percentile-bootstrap interval.
+    """A mean over units (subjects or images) with its percentile-bootstrap interval.
 
-    `n` counts the finite values the mean is over; `n_missing` the non-finite values left out.
-    With no finite value every number is NaN; with one, the interval collapses to that value.
+    `n` counts the units the mean is over; `n_missing` the units (or values) left out as
+    non-finite. With no unit every number is NaN; with one, the interval collapses to its value.
+    `method` is `cluster` (units resampled) or `two-level` (units and seeds resampled);
+    `seeds` the most replicates a configuration in the mean has.
     """
 
     mean: float
@@ -44,46 +60,168 @@ class MeanCI:
     high: float
     n: int
     n_missing: int = 0
+    method: str = "cluster"
+    seeds: int = 1
 
 
 def bootstrap_mean_ci(values, n_resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE,
                       seed: int = 0) -> MeanCI:
-    """Mean of `values` with a percentile-bootstrap CI (images resampled with replacement).
+    """Mean of `values` (one per unit) with a percentile-bootstrap CI: the cluster bootstrap.
 
-    The resamples are drawn as one `(n_resamples, n)` index matrix from
-    `np.random.default_rng(seed).integers(0, n, ...)`; the bounds are `np.percentile` of the
-    resample means at `(1 - confidence) / 2` and `(1 + confidence) / 2` (linear interpolation).
-    NaN and infinite values are left out of both the mean and the resampling, and counted.
+    `scipy.stats.bootstrap((values,), np.mean, method="percentile", vectorized=True)` with
+    `np.random.default_rng(seed)`: it draws one `(n_resamples, n)` index matrix with
+    `rng.integers(0, n, ...)`, takes each resample's mean, and reads the bounds off the resample
+    means' percentiles at `(1 - confidence) / 2` and `(1 + confidence) / 2` (linear
+    interpolation). NaN and infinite values are left out of both the mean and the resampling,
+    and counted.
     """
     array = np.asarray(values, dtype=float).ravel()
     finite = array[np.isfinite(array)]
     n, missing = finite.size, array.size - finite.size
     if n == 0:
         return MeanCI(math.nan, math.nan, math.nan, 0, missing)
+    mean = float(finite.mean())
+    if n == 1:
+        return MeanCI(mean, mean, mean, 1, missing)
+    result = stats.bootstrap((finite,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
+                             method="percentile", vectorized=True, **{_SCIPY_RNG: np.random.default_rng(seed)})
+    interval = result.confidence_interval
+    return MeanCI(mean, float(interval.low), float(interval.high), n, missing)
+
+
+def _counts(indices: np.ndarray, size: int) -> np.ndarray:
+    """How often each of 0..size-1 occurs in each row of `indices` (a (B, m) integer matrix)."""
+    counts = np.zeros((indices.shape[0], size))
+    np.add.at(counts, (np.arange(indices.shape[0])[:, None], indices), 1.0)
+    return counts
+
+
+def two_level_bootstrap_ci(matrices, n_resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE,
+                           seed: int = 0) -> MeanCI:
+    """Mean over configurations of the seed-averaged subject values, with a two-level bootstrap CI.
+
+    `matrices` holds one `(S, K_c)` array per configuration c: the value of subject s (rows, the
+    same subjects in every matrix) under seed k of c. The statistic is
+    `mean_c( mean_s( mean_k M_c[s, k] ) )`. Each of the `n_resamples` resamples b draws, from
+    `rng = np.random.default_rng(seed)` and in this order,
+      1. S subjects with replacement: `rng.integers(0, S, size=(n_resamples, S))` (one matrix for
+         all resamples, shared by every configuration, so the configurations stay paired);
+      2. for each configuration c in turn, K_c of its seeds with replacement:
+         `rng.integers(0, K_c, size=(n_resamples, K_c))`, the same seeds for every subject (a seed's
+         model is one training run that scores every subject);
+    and takes `mean_c` of the mean of `M_c[i, j]` over the drawn subjects i and drawn seeds j.
+    The bounds are `np.percentile` of the resample statistics, as in `bootstrap_mean_ci`.
+    Every value must be finite (`replicate_mean_ci` leaves out the subjects that are not).
+    """
+    arrays = [np.asarray(m, dtype=float) for m in matrices]
+    if not arrays or arrays[0].shape[0] == 0:
+        return MeanCI(math.nan, math.nan, math.nan, 0, method="two-level")
+    subjects = arrays[0].shape[0]
+    if any(a.ndim != 2 or a.shape[0] != subjects for a in arrays) or not all(np.isfinite(a).all() for a in arrays):
+        raise ValueError("two_level_bootstrap_ci needs finite (subjects, seeds) matrices with the same subjects")
+    mean = float(np.mean([a.mean() for a in arrays]))
+    seeds = max(a.shape[1] for a in arrays)
+    if subjects == 1 and seeds == 1:
+        return MeanCI(mean, mean, mean, 1, method="two-level", seeds=1)
     rng = np.random.default_rng(seed)
-    indices = rng.integers(0, n, size=(n_resamples, n))
-    resample_means = finite[indices].mean(axis=1)
+    subject_weights = _counts(rng.integers(0, subjects, size=(n_resamples, subjects)), subjects)
+    statistic = np.zeros(n_resamples)
+    for array in arrays:
+        k = array.shape[1]
+        seed_weights = _counts(rng.integers(0, k, size=(n_resamples, k)), k)
+        # sum over drawn subjects i and drawn seeds j of M[i, j], as counts x M x counts
+        statistic += np.einsum("bs,sk,bk->b", subject_weights, array, seed_weights) / (subjects * k)
+    statistic /= len(arrays)
     alpha = 1.0 - confidence
-    low, high = np.percentile(resample_means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return MeanCI(float(finite.mean()), float(low), float(high), n, missing)
+    low, high = np.percentile(statistic, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return MeanCI(mean, float(low), float(high), subjects, method="two-level", seeds=seeds)
+
+
+def replicate_mean_ci(matrices, n_resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE,
+                      seed: int = 0) -> MeanCI:
+    """Mean over configurations of seed-averaged unit values with its subject-level bootstrap CI.
+
+    `matrices`: one (units x replicates) table per configuration, rows the same units. Units with
+    a non-finite value in any replicate are left out (`n_missing`). When every configuration has
+    one replicate, the cluster bootstrap (`bootstrap_mean_ci`) of the per-unit mean over
+    configurations; otherwise `two_level_bootstrap_ci`.
+    """
+    arrays = [np.asarray(m, dtype=float) for m in matrices]
+    arrays = [a.reshape(-1, 1) if a.ndim == 1 else a for a in arrays if a.size]
+    if not arrays:
+        return MeanCI(math.nan, math.nan, math.nan, 0)
+    complete = np.logical_and.reduce([np.isfinite(a).all(axis=1) for a in arrays])
+    missing = int((~complete).sum())
+    arrays = [a[complete] for a in arrays]
+    if all(a.shape[1] == 1 for a in arrays):
+        ci = bootstrap_mean_ci(np.mean([a[:, 0] for a in arrays], axis=0), n_resamples, confidence, seed)
+        return MeanCI(ci.mean, ci.low, ci.high, ci.n, missing)
+    ci = two_level_bootstrap_ci(arrays, n_resamples, confidence, seed)
+    return MeanCI(ci.mean, ci.low, ci.high, ci.n, missing, ci.method, ci.seeds)
+
+
+def seed_sd(matrix) -> float:
+    """Seed-to-seed SD of a configuration's mean: per replicate (column) the mean over the units
+    scored by every replicate, then the sample SD (ddof = 1) of those means; NaN with one replicate."""
+    array = np.asarray(matrix, dtype=float)
+    if array.ndim != 2 or array.shape[1] < 2:
+        return math.nan
+    array = array[np.isfinite(array).all(axis=1)]
+    if array.shape[0] == 0:
+        return math.nan
+    return float(np.std(array.mean(axis=0), ddof=1))
+
+
+def pooled_seed_sd(matrices) -> tuple[float, int]:
+    """Pooled seed-to-seed SD over configurations: sqrt(sum (K_c - 1) s_c^2 / sum (K_c - 1)) over
+    the configurations with K_c >= 2 replicates (s_c their `seed_sd`); returns (SD, degrees of
+    freedom sum (K_c - 1)); (NaN, 0) when no configuration has two replicates."""
+    total, df = 0.0, 0
+    for matrix in matrices:
+        array = np.asarray(matrix, dtype=float)
+        sd = seed_sd(array)
+        if np.isfinite(sd):
+            total += (array.shape[1] - 1) * sd ** 2
+            df += array.shape[1] - 1
+    return (math.sqrt(total / df), df) if df else (math.nan, 0)
+
+
+def difference_noise_sd(sd: float, seeds_a: list[int], seeds_b: list[int]) -> float:
+    """The SD that seed noise alone gives the difference of two sides' means.
+
+    A side is the mean over its c configurations of each one's mean over its K seeds, so its
+    variance from seed noise is sd^2 / c^2 x sum(1 / K) = sd^2 x v with v = mean(1 / K) / c; the
+    difference of two independent sides has SD sd x sqrt(v_a + v_b) (sd x sqrt(2 / K) for one
+    configuration per side with K seeds each).
+    """
+    if not np.isfinite(sd) or not seeds_a or not seeds_b:
+        return math.nan
+    v_a = float(np.mean([1.0 / k for k in seeds_a])) / len(seeds_a)
+    v_b = float(np.mean([1.0 / k for k in seeds_b])) / len(seeds_b)
+    return sd * math.sqrt(v_a + v_b)
+
+
+def within_noise(effect: float, noise_sd: float) -> bool | None:
+    """NOISE_RULE: True when |effect| < NOISE_MULTIPLE x noise_sd; None when either is not finite."""
+    if not (np.isfinite(effect) and np.isfinite(noise_sd)):
+        return None
+    return bool(abs(effect) < NOISE_MULTIPLE * noise_sd)
 
 
 def holm(p_values) -> np.ndarray:
     """Holm-adjusted p-values, in the input order; NaN entries stay NaN and are not counted.
 
-    Sort the m p-values ascending, multiply the i-th smallest (i = 0..m-1) by (m - i), carry the
-    running maximum forward so the adjusted values never decrease, and cap them at 1. Example:
+    statsmodels' `multipletests(p, method="holm")` on the finite entries. By hand: sort the m
+    p-values ascending, multiply the i-th smallest (i = 0..m-1) by (m - i), carry the running
+    maximum forward so the adjusted values never decrease, and cap them at 1. Example:
     p = [0.01, 0.04, 0.03] -> sorted 0.01, 0.03, 0.04 -> 0.03, 0.06, 0.04 -> running max
     0.03, 0.06, 0.06 -> in input order [0.03, 0.06, 0.06].
     """
     p = np.asarray(p_values, dtype=float)
     adjusted = np.full(p.shape, np.nan)
-    tested = np.flatnonzero(np.isfinite(p))
-    m = tested.size
-    running_max = 0.0
-    for rank, index in enumerate(tested[np.argsort(p[tested], kind="stable")]):
-        running_max = max(running_max, (m - rank) * p[index])
-        adjusted[index] = min(1.0, running_max)
+    tested = np.isfinite(p)
+    if tested.any():
+        adjusted[tested] = multipletests(p[tested], method="holm")[1]
     return adjusted
 
 
@@ -153,10 +291,13 @@ def format_p(p: float) -> str:
 
 
 # --- the study's tables ---------------------------------------------------------------------------
-# Everything below works on a `StudyResults` (analysis.results): the unit is an evaluation (one
-# trial scored with one prompt on the test images), images pair up by image_id.
+# Everything below works on a `StudyResults` (analysis.results). The unit of analysis is the
+# subject where subjects have several test slices, the image otherwise (`results.unit`); a
+# configuration's value for a unit is the mean over its replicate seeds of the unit's value in
+# each replicate evaluation. Units pair up by name across configurations.
 
-SUMMARY_METRICS = ("dice", "iou", "miou", "hd95")
+SUMMARY_METRICS = ("dice", "iou", "miou", "nsd", "hd95", "hd95_mm")
+SUBJECT_3D_METRICS = ("dice_3d", "hd95_3d", "hd95_3d_mm", "nsd_3d")
 ALPHA = 0.05
 
 
@@ -184,133 +325,205 @@ def level_name(factor: str, value) -> str:
     return value if isinstance(value, str) and factor != "eval_prompt" else f"{factor}={format_level(value)}"
 
 
+def _table(results, metric: str, source: str) -> pd.DataFrame:
+    """The unit x evaluation table of `metric`: per-image values averaged per unit, or per_subject.csv's."""
+    return results.unit_scores(metric) if source == "unit" else results.subject_scores_3d(metric)
+
+
+def replicate_matrices(results, configurations: list[str], metric: str = "dice",
+                       source: str = "unit") -> list[pd.DataFrame]:
+    """Per configuration, its units x replicates table of `metric` (columns: its evaluations in
+    seed order; source `unit`: results.unit_scores, `3d`: per_subject.csv). Configurations with no
+    evaluation in the table are left out."""
+    table = _table(results, metric, source)
+    if table.empty:
+        return []
+    matrices = []
+    for key in configurations:
+        columns = [e for e in results.replicates(key) if e in table.columns]
+        if columns:
+            matrices.append(table[columns])
+    return matrices
+
+
+def unit_values(results, configurations: list[str], metric: str = "dice", source: str = "unit") -> pd.Series:
+    """Per unit, the mean over `configurations` of the unit's mean over each one's replicates
+    (NaN values skipped); NaN where no configuration scored the unit."""
+    matrices = replicate_matrices(results, configurations, metric, source)
+    if not matrices:
+        return pd.Series(dtype=float)
+    return pd.concat([m.mean(axis=1, skipna=True) for m in matrices], axis=1).mean(axis=1, skipna=True)
+
+
+def configuration_ci(results, configurations: list[str], metric: str = "dice", seed: int = 0,
+                     source: str = "unit") -> MeanCI:
+    """`replicate_mean_ci` of the configurations' replicate matrices (see replicate_matrices)."""
+    return replicate_mean_ci(replicate_matrices(results, configurations, metric, source), seed=seed)
+
+
+def study_seed_sd(results, metric: str = "dice") -> tuple[float, int]:
+    """The pooled seed-to-seed SD of a fine-tuned configuration's mean `metric` (pooled_seed_sd over
+    every fine-tuned configuration with two or more seeds) and its degrees of freedom."""
+    keys = list(_finetuned(results)["configuration"])
+    return pooled_seed_sd(replicate_matrices(results, keys, metric))
+
+
+def _finetuned(results) -> pd.DataFrame:
+    """The fine-tuned configurations (rows of results.configurations)."""
+    return results.configurations[results.configurations["stage"] == FINETUNE]
+
+
 def summary_table(results, seed: int = 0) -> pd.DataFrame:
-    """One row per evaluation: mean and 95% percentile-bootstrap CI over images of Dice, IoU, mIoU,
-    HD95 (HD95 over the images where it is finite; `hd95_missing` counts the others), plus the
-    trial's epochs run, wall time, encoder size and validation Dice. Every CI uses `seed`."""
+    """One row per configuration (all its seeds together).
+
+    For each metric of SUMMARY_METRICS, `<metric>_mean/_low/_high`: the mean over units of the
+    seed-averaged unit value with its 95% subject-level bootstrap CI (`replicate_mean_ci`: cluster
+    with one seed, two-level with several), units with a non-finite value left out. `n` counts the
+    units of the Dice mean, `hd95_n` those of HD95; `hd95_missing` counts the non-finite per-image
+    HD95 values (older studies left HD95 undefined when one mask was empty), `hd95_penalised` the
+    per-image HD95 values that are the penalty (NaN when per_image.csv does not say). `seeds` is the
+    number of replicates, `dice_seed_sd` the seed-to-seed SD of the mean Dice (NaN with one seed).
+    `val_dice`, `epochs_run` and `seconds` are means over the replicates.
+    """
     rows = []
     factors = results.grid_factors + results.searched_factors
-    for _, ev in results.evaluations.iterrows():
-        row = {"label": ev["label"], "evaluation": ev["evaluation"], "trial_id": ev["trial_id"],
-               "stage": ev["stage"], "status": ev["status"], "backbone": ev["backbone"],
-               "family": ev["family"], "eval_prompt": ev["eval_prompt"]}
-        row.update({f: ev[f] for f in factors if f not in row})
-        row["n_images"] = int(ev["n_images"])
+    per_image = results.per_image
+    for _, conf in results.configurations.iterrows():
+        key = conf["configuration"]
+        row = {"label": conf["label"], "configuration": key, "evaluation": ", ".join(conf["evaluations"]),
+               "trial_id": ", ".join(conf["trial_ids"]), "stage": conf["stage"], "status": conf["status"],
+               "backbone": conf["backbone"], "family": conf["family"], "eval_prompt": conf["eval_prompt"]}
+        row.update({f: conf[f] for f in factors if f not in row})
+        row.update(seeds=int(conf["seeds"]), unit=results.unit, n_images=int(conf["n_images"]))
         for metric in SUMMARY_METRICS:
-            ci = bootstrap_mean_ci(_column(results, metric, ev["evaluation"]), seed=seed)
+            ci = configuration_ci(results, [key], metric, seed)
             row.update({f"{metric}_mean": ci.mean, f"{metric}_low": ci.low, f"{metric}_high": ci.high})
+            if metric == "dice":
+                row["n"] = ci.n
             if metric == "hd95":
-                row.update({"hd95_n": ci.n, "hd95_missing": ci.n_missing})
-        row.update({"val_dice": ev["val_dice"], "epochs_run": ev["epochs_run"], "seconds": ev["seconds"],
-                    "image_encoder_params": ev["image_encoder_params"]})
+                row["hd95_n"] = ci.n
+        rows_of = per_image[per_image["configuration"] == key]
+        hd95 = pd.to_numeric(rows_of["hd95"], errors="coerce")
+        penalised = pd.to_numeric(rows_of["hd95_penalised"], errors="coerce")
+        row.update(hd95_scores=len(rows_of), hd95_missing=int((~np.isfinite(hd95)).sum()),
+                   hd95_penalised=float(penalised.sum()) if penalised.notna().any() else math.nan,
+                   dice_seed_sd=seed_sd(replicate_matrices(results, [key], "dice")[0]),
+                   val_dice=conf["val_dice"], epochs_run=conf["epochs_run"], seconds=conf["seconds"],
+                   image_encoder_params=conf["image_encoder_params"])
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _column(results, metric: str, evaluation: str) -> np.ndarray:
-    """The per-image values of one evaluation, NaN included (scored images only)."""
-    rows = results.per_image[results.per_image["evaluation"] == evaluation]
-    return rows[metric].to_numpy(dtype=float)
+def best_configuration(results, candidates: pd.DataFrame) -> tuple[str | None, str]:
+    """The best of `candidates` (rows of results.configurations) and the rule that chose it.
 
-
-def best_evaluation(results, candidates: pd.DataFrame) -> tuple[str | None, str]:
-    """The best of `candidates` (rows of results.evaluations) and the rule that chose it.
-
-    Chosen by validation Dice (highest first), so the test numbers reported for it are not
-    selected on the test set; among equal validation Dice a trial's primary evaluation (the prompt
-    its summary refers to) wins, then the first key. When no candidate has a validation Dice, the
-    highest mean test Dice is used, and the rule says so.
+    Chosen by validation Dice, the mean over the configuration's seeds (highest first), so the
+    test numbers reported for it are not selected on the test set; among equal validation Dice a
+    primary evaluation (the prompt its trials' summaries refer to) wins, then the first key. When
+    no candidate has a validation Dice, the highest mean test Dice (over units, seeds averaged) is
+    used, and the rule says so.
     """
     if candidates.empty:
         return None, ""
     if candidates["val_dice"].notna().any():
         ranked = candidates.assign(_primary=candidates["primary"].astype(bool)).sort_values(
-            ["val_dice", "_primary", "evaluation"], ascending=[False, False, True], na_position="last")
-        return ranked["evaluation"].iloc[0], "highest validation Dice"
-    means = results.scores("dice")[list(candidates["evaluation"])].mean()
+            ["val_dice", "_primary", "configuration"], ascending=[False, False, True], na_position="last")
+        seeds = " (mean over seeds)" if (candidates["seeds"] > 1).any() else ""
+        return ranked["configuration"].iloc[0], f"highest validation Dice{seeds}"
+    means = pd.Series({key: float(unit_values(results, [key]).mean()) for key in candidates["configuration"]})
     return means.sort_values(ascending=False, kind="stable").index[0], "highest test Dice (no validation Dice recorded)"
-
-
-def _finetuned(results) -> pd.DataFrame:
-    return results.evaluations[results.evaluations["stage"] == FINETUNE]
-
-
-def per_image_mean(results, evaluations: list[str], metric: str = "dice") -> pd.Series:
-    """Per image, the mean of `metric` over the given evaluations (NaN values skipped)."""
-    return results.scores(metric)[list(evaluations)].mean(axis=1, skipna=True)
 
 
 def marginal_means(results, factor: str, seed: int = 0, metric: str = "dice") -> pd.DataFrame:
     """Marginal mean of `metric` per level of `factor`, over every other factor.
 
-    For a level: per image, the mean over all fine-tuned evaluations at that level (the cells of
-    the other factors); then the mean over images with its bootstrap CI over images. `cells` is
-    the number of evaluations averaged; `cell_means` their individual means (for the plot).
+    For a level: per unit, the mean over the fine-tuned configurations at that level (the cells of
+    the other factors) of the unit's seed-averaged value; then the mean over units with its
+    subject-level bootstrap CI (`configuration_ci`). `cells` is the number of configurations
+    averaged, `seeds` their replicate evaluations, `seed_sd` the pooled seed-to-seed SD of their
+    means (NaN with one seed), `cell_means` each configuration's mean (for the plot).
     """
     finetuned = _finetuned(results)
     rows = []
     for level in factor_levels(results, factor):
-        keys = list(finetuned.loc[_same(finetuned[factor], level), "evaluation"])
-        ci = bootstrap_mean_ci(per_image_mean(results, keys, metric), seed=seed)
-        rows.append({"factor": factor, "level": format_level(level), "cells": len(keys), "n_images": ci.n,
-                     "mean": ci.mean, "low": ci.low, "high": ci.high,
-                     "cell_means": [float(results.scores(metric)[k].mean()) for k in keys]})
+        keys = list(finetuned.loc[_same(finetuned[factor], level), "configuration"])
+        ci = configuration_ci(results, keys, metric, seed)
+        sd, _ = pooled_seed_sd(replicate_matrices(results, keys, metric))
+        rows.append({"factor": factor, "level": format_level(level), "cells": len(keys),
+                     "seeds": int(finetuned.loc[finetuned["configuration"].isin(keys), "seeds"].sum()),
+                     "unit": results.unit, "n": ci.n, "mean": ci.mean, "low": ci.low, "high": ci.high,
+                     "seed_sd": sd, "cell_means": [float(unit_values(results, [k], metric).mean()) for k in keys]})
     return pd.DataFrame(rows)
 
 
 def cell_means(results, rows: str, columns: str, stage: str = FINETUNE, metric: str = "dice") -> pd.DataFrame:
-    """Mean `metric` per (rows level, columns level), each cell the per-image mean over the
-    evaluations of that cell (over the other factors) averaged over images; NaN where none ran."""
-    chosen = results.evaluations[results.evaluations["stage"] == stage]
+    """Mean `metric` per (rows level, columns level): per unit the mean over the configurations of
+    that cell (over the other factors) of the seed-averaged value, averaged over units; NaN where
+    none ran."""
+    chosen = results.configurations[results.configurations["stage"] == stage]
     table = {}
     for (r, c), group in chosen.groupby([rows, columns], dropna=False):
-        table[(r, c)] = float(per_image_mean(results, list(group["evaluation"]), metric).mean())
+        table[(r, c)] = float(unit_values(results, list(group["configuration"]), metric).mean())
     if not table:
         return pd.DataFrame()
-    series = pd.Series(table)
-    return series.unstack()
+    return pd.Series(table).unstack()
+
+
+def _noise_clause(test: dict) -> str:
+    if not np.isfinite(test.get("noise_sd", math.nan)):
+        return ""
+    verdict = ("within training noise: the seeds do not separate it from run-to-run variation" if test["within_noise"]
+               else "beyond training noise")
+    return (f" Mean effect {test['mean_difference']:+.3f} beside a seed SD of {test['seed_sd']:.3f} "
+            f"(noise SD of this difference {test['noise_sd']:.3f}): {verdict}.")
 
 
 def _sentence(test: dict, factor: str) -> str:
     a, b = level_name(factor, test["level_a"]), level_name(factor, test["level_b"])
     where = test["context"]
     if not np.isfinite(test["p"]):
-        return f"{a} vs {b} ({where}): not tested, {test['reason']}."
+        return f"{a} vs {b} ({where}): not tested, {test['reason']}." + _noise_clause(test)
     p = f"p = {format_p(test['p_holm'])} after Holm"
+    n = f"n = {test['n']} {test['unit']}s"
     if test["p_holm"] < ALPHA:
         winner, loser = (a, b) if test["rank_biserial"] > 0 else (b, a)
         return (f"{winner} beats {loser} by {abs(test['median_difference']):.3f} Dice (median paired "
-                f"difference; rank-biserial r = {abs(test['rank_biserial']):.2f}), {p}, n = {test['n']} images "
-                f"({where}).")
+                f"difference; rank-biserial r = {abs(test['rank_biserial']):.2f}), {p}, {n} "
+                f"({where}).") + _noise_clause(test)
     return (f"{a} vs {b}: no significant difference (median paired difference {test['median_difference']:+.3f} "
-            f"Dice, {p}, n = {test['n']} images; {where}).")
+            f"Dice, {p}, {n}; {where}).") + _noise_clause(test)
 
 
-def _paired(results, keys_a: list[str], keys_b: list[str], metric: str = "dice") -> tuple[PairedTest, str]:
-    a, b = per_image_mean(results, keys_a, metric), per_image_mean(results, keys_b, metric)
+def paired_configurations(results, keys_a: list[str], keys_b: list[str], metric: str = "dice") -> tuple[pd.Series, pd.Series]:
+    """The two sides of a paired comparison: per unit the `unit_values` of each side, on the units
+    both sides scored (a finite value on both)."""
+    a, b = unit_values(results, keys_a, metric), unit_values(results, keys_b, metric)
+    a, b = a.align(b)
     both = a.notna() & b.notna()
-    test = paired_wilcoxon(a[both].to_numpy(), b[both].to_numpy())
-    reason = "no test image scored by both" if test.n == 0 else "every image has the same Dice under both"
-    return test, reason
+    return a[both], b[both]
 
 
 def factor_tests(results, metric: str = "dice") -> pd.DataFrame:
-    """Paired Wilcoxon tests of per-image `metric` between every pair of levels of every grid factor.
+    """Paired Wilcoxon tests of subject-level `metric` between every pair of levels of every grid factor.
 
-    Two comparisons per pair, matched image by image:
-    - `held at best`: the other grid factors at the setting of the best fine-tuned evaluation
-      (`best_evaluation`); where several evaluations share that setting (repeats, searched
-      ranges) their per-image mean is used.
-    - `pooled`: per image, the mean over the other factors' cells; only cells (combinations of
-      the other grid factors) that ran at both levels are used, so both sides average the same cells.
+    A side's value per unit is `unit_values` over its configurations (each averaged over its
+    seeds); the sides are matched unit by unit. Two comparisons per pair:
+    - `held at best`: the other grid factors at the setting of the best fine-tuned configuration
+      (`best_configuration`); where several configurations share that setting (searched ranges)
+      their per-unit mean is used.
+    - `pooled`: per unit, the mean over the other factors' cells; only cells (combinations of the
+      other grid factors) that ran at both levels are used, so both sides average the same cells.
       A factor with no other grid factor gets only the first comparison (the second is the same).
     Holm's adjustment runs over the whole family (every row with a p-value). Effect sizes are of
-    level_a minus level_b.
+    level_a minus level_b. Beside each effect: `seed_sd` (study_seed_sd: the pooled seed SD of a
+    configuration's mean), `noise_sd` (difference_noise_sd for the two sides' seeds) and
+    `within_noise` (NOISE_RULE); NaN / None with one seed.
     """
     finetuned = _finetuned(results)
     grid = results.grid_factors
-    best_key, _ = best_evaluation(results, finetuned)
-    best = results.evaluation(best_key) if best_key else None
+    best_key, _ = best_configuration(results, finetuned)
+    best = results.configuration(best_key) if best_key else None
+    sd, df = study_seed_sd(results, metric)
     rows = []
     for factor in grid:
         others = [f for f in grid if f != factor]
@@ -322,12 +535,12 @@ def factor_tests(results, metric: str = "dice") -> pd.DataFrame:
         for i, level_a in enumerate(levels):
             for level_b in levels[i + 1:]:
                 # (a) the other factors held at the best setting
-                keys_a = list(at_best.loc[_same(at_best[factor], level_a), "evaluation"])
-                keys_b = list(at_best.loc[_same(at_best[factor], level_b), "evaluation"])
+                keys_a = list(at_best.loc[_same(at_best[factor], level_a), "configuration"])
+                keys_b = list(at_best.loc[_same(at_best[factor], level_b), "configuration"])
                 context = f"{setting} held at the best setting" if others else "no other grid factor"
                 context += _averaged(results, keys_a, keys_b)
                 rows.append(_test_row(results, factor, "held at best", level_a, level_b, keys_a, keys_b,
-                                      context, metric))
+                                      context, metric, sd, df))
                 if not others:
                     continue  # (b) would repeat (a) exactly; a duplicate test would only inflate Holm
                 # (b) pooled over the cells that ran at both levels
@@ -336,10 +549,11 @@ def factor_tests(results, metric: str = "dice") -> pd.DataFrame:
                 cells_a = {_cell(row, others) for _, row in side_a.iterrows()}
                 cells_b = {_cell(row, others) for _, row in side_b.iterrows()}
                 common = cells_a & cells_b
-                keys_a = [row["evaluation"] for _, row in side_a.iterrows() if _cell(row, others) in common]
-                keys_b = [row["evaluation"] for _, row in side_b.iterrows() if _cell(row, others) in common]
+                keys_a = [row["configuration"] for _, row in side_a.iterrows() if _cell(row, others) in common]
+                keys_b = [row["configuration"] for _, row in side_b.iterrows() if _cell(row, others) in common]
                 context = f"averaged over {len(common)} cell(s) of {', '.join(others)}" + _averaged(results, keys_a, keys_b)
-                rows.append(_test_row(results, factor, "pooled", level_a, level_b, keys_a, keys_b, context, metric))
+                rows.append(_test_row(results, factor, "pooled", level_a, level_b, keys_a, keys_b, context,
+                                      metric, sd, df))
     table = pd.DataFrame(rows)
     if table.empty:
         return table
@@ -349,64 +563,81 @@ def factor_tests(results, metric: str = "dice") -> pd.DataFrame:
 
 
 def _averaged(results, keys_a: list[str], keys_b: list[str]) -> str:
-    """Words for how many evaluations each side's per-image mean is over, when more than one."""
+    """Words for how many configurations each side's per-unit mean is over, when more than one."""
     if max(len(keys_a), len(keys_b)) <= 1:
         return ""
     searched = f", {', '.join(results.searched_factors)} searched" if results.searched_factors else ""
-    return f"; per image the mean of {len(keys_a)} vs {len(keys_b)} evaluations{searched}"
+    return f"; per {results.unit} the mean of {len(keys_a)} vs {len(keys_b)} configurations{searched}"
 
 
 def _cell(row: pd.Series, others: list[str]) -> tuple:
     return tuple("<none>" if (isinstance(row[o], float) and math.isnan(row[o])) else row[o] for o in others)
 
 
-def _test_row(results, factor, comparison, level_a, level_b, keys_a, keys_b, context, metric) -> dict:
+def _seeds_of(results, keys: list[str]) -> list[int]:
+    seeds = results.configurations.set_index("configuration")["seeds"]
+    return [int(seeds[k]) for k in keys]
+
+
+def _test_row(results, factor, comparison, level_a, level_b, keys_a, keys_b, context, metric, sd, df) -> dict:
     row = {"factor": factor, "comparison": comparison, "level_a": level_a, "level_b": level_b,
-           "evaluations_a": len(keys_a), "evaluations_b": len(keys_b), "context": context}
+           "configurations_a": len(keys_a), "configurations_b": len(keys_b),
+           "seeds_a": sum(_seeds_of(results, keys_a)), "seeds_b": sum(_seeds_of(results, keys_b)),
+           "unit": results.unit, "context": context, "seed_sd": sd, "seed_sd_df": df}
     if not keys_a or not keys_b:
         missing = level_name(factor, level_a if not keys_a else level_b)
         row.update(n=0, n_nonzero=0, mean_a=math.nan, mean_b=math.nan, statistic=math.nan, p=math.nan,
                    mean_difference=math.nan, median_difference=math.nan, rank_biserial=math.nan,
-                   reason=f"no finished evaluation of {missing} here")
+                   noise_sd=math.nan, within_noise=None, reason=f"no finished evaluation of {missing} here")
         return row
-    test, reason = _paired(results, keys_a, keys_b, metric)
-    a, b = per_image_mean(results, keys_a, metric), per_image_mean(results, keys_b, metric)
-    both = a.notna() & b.notna()
-    row.update(n=test.n, n_nonzero=test.n_nonzero, mean_a=float(a[both].mean()), mean_b=float(b[both].mean()),
-               statistic=test.statistic, p=test.p, mean_difference=test.mean_difference,
-               median_difference=test.median_difference, rank_biserial=test.rank_biserial,
+    a, b = paired_configurations(results, keys_a, keys_b, metric)
+    test = paired_wilcoxon(a.to_numpy(), b.to_numpy())
+    noise = difference_noise_sd(sd, _seeds_of(results, keys_a), _seeds_of(results, keys_b))
+    reason = f"no test {results.unit} scored by both" if test.n == 0 else f"every {results.unit} has the same Dice under both"
+    row.update(n=test.n, n_nonzero=test.n_nonzero, mean_a=float(a.mean()) if len(a) else math.nan,
+               mean_b=float(b.mean()) if len(b) else math.nan, statistic=test.statistic, p=test.p,
+               mean_difference=test.mean_difference, median_difference=test.median_difference,
+               rank_biserial=test.rank_biserial, noise_sd=noise, within_noise=within_noise(test.mean_difference, noise),
                reason="" if np.isfinite(test.p) else reason)
     return row
 
 
 def zero_shot_change(results, seed: int = 0, metric: str = "dice") -> pd.DataFrame:
-    """Zero-shot -> fine-tuned change of per-image `metric`, per backbone x evaluated prompt.
+    """Zero-shot -> fine-tuned change of subject-level `metric`, per backbone x evaluated prompt.
 
-    For each zero-shot evaluation, the fine-tuned side is the best (`best_evaluation`) fine-tuned
-    evaluation of the same backbone scored with the same prompt. The change is fine-tuned minus
-    zero-shot on the images both scored: its mean with a bootstrap CI, its median, and a paired
-    Wilcoxon test, Holm-adjusted over this table's family of tests.
+    For each zero-shot configuration, the fine-tuned side is the best (`best_configuration`)
+    fine-tuned configuration of the same backbone scored with the same prompt (and of the same
+    `target`, when the study has several). The change per unit
+    is the fine-tuned value (averaged over its seeds) minus the zero-shot value, on the units both
+    scored: its mean with a subject-level bootstrap CI (two-level over the fine-tuned seeds when it
+    has several: the matrix of fine-tuned replicate minus zero-shot value per unit), its median,
+    and a paired Wilcoxon test, Holm-adjusted over this table's family of tests.
     """
     finetuned = _finetuned(results)
     rows = []
-    zero_shot = results.evaluations[results.evaluations["stage"] == ZERO_SHOT]
+    zero_shot = results.configurations[results.configurations["stage"] == ZERO_SHOT]
     for _, zs in zero_shot.iterrows():
         candidates = finetuned[(finetuned["backbone"] == zs["backbone"]) & (finetuned["eval_prompt"] == zs["eval_prompt"])]
-        row = {"backbone": zs["backbone"], "prompt": zs["eval_prompt"], "zero_shot": zs["label"],
-               "zero_shot_mean": float(results.scores(metric)[zs["evaluation"]].mean()),
-               "finetuned_evaluations": len(candidates)}
-        best_key, rule = best_evaluation(results, candidates)
+        region = {}
+        if "target" in results.factors and "target" in finetuned:
+            candidates = candidates[_same(candidates["target"], zs.get("target"))]
+            region = {"target": zs.get("target")}
+        zs_values = unit_values(results, [zs["configuration"]], metric)
+        row = {**region, "backbone": zs["backbone"], "prompt": zs["eval_prompt"], "zero_shot": zs["label"],
+               "zero_shot_mean": float(zs_values.mean()), "finetuned_configurations": len(candidates),
+               "unit": results.unit}
+        best_key, rule = best_configuration(results, candidates)
         if best_key is None:
-            row.update(finetuned="", finetuned_mean=math.nan, n=0, change_mean=math.nan, change_low=math.nan,
-                       change_high=math.nan, change_median=math.nan, rank_biserial=math.nan, p=math.nan)
+            row.update(finetuned="", finetuned_mean=math.nan, seeds=0, n=0, change_mean=math.nan,
+                       change_low=math.nan, change_high=math.nan, change_median=math.nan, rank_biserial=math.nan,
+                       p=math.nan)
             rows.append(row)
             continue
-        a, b = results.scores(metric)[best_key], results.scores(metric)[zs["evaluation"]]
-        both = a.notna() & b.notna()
-        change = (a - b)[both]
-        ci = bootstrap_mean_ci(change, seed=seed)
-        test = paired_wilcoxon(a[both].to_numpy(), b[both].to_numpy())
-        row.update(finetuned=results.evaluation(best_key)["label"], finetuned_mean=float(a[both].mean()),
+        a, b = paired_configurations(results, [best_key], [zs["configuration"]], metric)
+        replicates = replicate_matrices(results, [best_key], metric)[0].loc[a.index]
+        ci = replicate_mean_ci([replicates.sub(b, axis=0)], seed=seed)
+        test = paired_wilcoxon(a.to_numpy(), b.to_numpy())
+        row.update(finetuned=best_key, finetuned_mean=float(a.mean()), seeds=int(results.configuration(best_key)["seeds"]),
                    selected_by=rule, n=test.n, change_mean=ci.mean, change_low=ci.low, change_high=ci.high,
                    change_median=test.median_difference, rank_biserial=test.rank_biserial, p=test.p)
         rows.append(row)
@@ -414,6 +645,38 @@ def zero_shot_change(results, seed: int = 0, metric: str = "dice") -> pd.DataFra
     if not table.empty:
         table["p_holm"] = holm(table["p"])
     return table
+
+
+def subject_3d_table(results, seed: int = 0) -> pd.DataFrame:
+    """Per configuration, the per-subject 3D metrics of per_subject.csv (empty when it is absent).
+
+    For each metric of SUBJECT_3D_METRICS, `<metric>_mean/_low/_high`: the mean over subjects of
+    the seed-averaged subject value (dice_3d, hd95_3d voxels, hd95_3d_mm, nsd_3d) with its
+    subject-level bootstrap CI (`replicate_mean_ci`), subjects with a non-finite value left out;
+    `n` the subjects of the Dice mean, `hd95_3d_penalised` the subject scores whose HD95 is the
+    penalty (NaN when not recorded), `slices` the median number of test slices per subject.
+    """
+    per_subject = results.per_subject
+    if per_subject is None or per_subject.empty:
+        return pd.DataFrame()
+    rows = []
+    for _, conf in results.configurations.iterrows():
+        key = conf["configuration"]
+        chosen = per_subject[per_subject["configuration"] == key]
+        if chosen.empty:
+            continue
+        row = {"label": conf["label"], "configuration": key, "stage": conf["stage"], "seeds": int(conf["seeds"])}
+        for metric in SUBJECT_3D_METRICS:
+            ci = configuration_ci(results, [key], metric, seed, source="3d")
+            row.update({f"{metric}_mean": ci.mean, f"{metric}_low": ci.low, f"{metric}_high": ci.high})
+            if metric == "dice_3d":
+                row["n"] = ci.n
+        penalised = pd.to_numeric(chosen["hd95_3d_penalised"], errors="coerce")
+        row["hd95_3d_penalised"] = float(penalised.sum()) if penalised.notna().any() else math.nan
+        row["scores"] = len(chosen)
+        row["slices"] = float(pd.to_numeric(chosen["slices"], errors="coerce").median())
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 # --- hyperparameter importance --------------------------------------------------------------------

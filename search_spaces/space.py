@@ -5,7 +5,8 @@ study/ray_tune.py (the one module that talks to Ray) turns that into Ray Tune tr
 and a scheduler. `trial_id(params)` names a trial by its parameters, so the same trial has the
 same name in every process, in MLflow and across a resume.
 
-A trial's params are its grid cell, its values of the continuous ranges and `seed`, the
+A trial's params are its grid cell (with `target` among its factors when `data.target` lists
+several targets, see search_spaces.grid.study_axes), its values of the continuous ranges and `seed`, the
 replicate index (0..seeds-1, the training seed): every configuration is trained `seeds` times,
 and each replicate is its own trial. For `grid` and `random` the whole trial list is known in
 advance: `plan_trials(plan)` computes it here (Ray's variant generator cannot repeat one random
@@ -123,5 +124,6 @@ def trial_id(params: dict) -> str:
     return f"{params.get('backbone', 'trial')}-{hashlib.sha256(canonical.encode()).hexdigest()[:10]}"
 
 
-def zero_shot_id(backbone: str, prompt: str) -> str:
-    return f"zs-{backbone}-{prompt}"
+def zero_shot_id(backbone: str, prompt: str, target: str | None = None) -> str:
+    """`zs-<backbone>-<prompt>`, plus `-<target>` in a study of several targets (`data.target` a list)."""
+    return f"zs-{backbone}-{prompt}" + (f"-{target}" if target else "")

@@ -9,7 +9,8 @@ default filled in) as `resolved.yaml`; `config_hash` is a stable hash of it.
 Under `factors`, a list is a grid axis and a single value is fixed for all trials; numeric
 factors may instead be a range (`{loguniform: [lo, hi]}` or `{uniform: [lo, hi]}`) searched by
 the `random` or `optuna` algorithm. `search.seeds` trains every configuration that many times
-(training seeds 0..seeds-1); `evaluation` holds how predictions are scored. Inner code takes
+(training seeds 0..seeds-1); `data.target` may also be a list, which makes `target` a grid
+axis (`DataSection.targets()`); `evaluation` holds how predictions are scored. Inner code takes
 plain values from these objects; YAML never holds import paths or expressions.
 """
 
@@ -108,7 +109,9 @@ class AugmentSection(_Section):
 class DataSection(_Section):
     reader: str = "phantom"
     root: Path | None = None  # phantom: where to generate it (default <cache_dir>/phantom)
-    target: str | None = None  # None: the reader's default target
+    # None: the reader's default target; a list of two or more: each target is a level of the
+    # `target` grid axis, with its own prepared store (the images are encoded once for all)
+    target: str | tuple[str, ...] | None = None
     channels: ChannelsSection = ChannelsSection()
     slicing: SlicingSection = SlicingSection()
     split: SplitSection = SplitSection()
@@ -128,6 +131,34 @@ class DataSection(_Section):
     @classmethod
     def _expand_root(cls, value):
         return None if value is None else Path(os.path.expanduser(value))
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _target_names(cls, value):
+        """A name, or a list of distinct names; a one-name list is that name (the same study)."""
+        if value is None or isinstance(value, str):
+            if isinstance(value, str) and not value.strip():
+                raise ValueError("a target name cannot be empty")
+            return value
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("data.target is one target name or a list of them")
+        if not value:
+            raise ValueError("a target list needs at least one name")
+        for index, name in enumerate(value):
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"data.target[{index}] = {name!r} is not a target name")
+            if name in value[:index]:
+                raise ValueError(f"data.target[{index}] = {name!r} repeats data.target[{list(value).index(name)}]")
+        return value[0] if len(value) == 1 else tuple(value)
+
+    def targets(self) -> tuple[str | None, ...]:
+        """The study's targets in the order written: one (None: the reader's default) or several."""
+        return self.target if isinstance(self.target, tuple) else (self.target,)
+
+    @property
+    def multi_target(self) -> bool:
+        """Whether `target` is a grid axis (two or more targets)."""
+        return len(self.targets()) > 1
 
 
 class WeightsSection(_Section):

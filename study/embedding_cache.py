@@ -8,11 +8,15 @@ trainables/backbones/sam2.py). Entries are
 - keyed by content. A namespace folder per (backbone name, weights identity, input size,
   preprocessing id) — the preprocessing id hashes the backbone's input contract (resize rule,
   normalisation, input size) and this module's `CACHE_FORMAT` — and within it one entry per
-  (prepared-store key, image id, augmented view), named by a hash of the three. The prepared-store
-  key already hashes every data preprocessing setting and the input files, so a change of
-  weights, preprocessing or augmentation is never served a stale embedding:
+  distinct image, named by the image's own content hash (`SliceRecord.image_sha256`: SHA-256 of
+  the stored image array's dtype, shape and bytes, computed when the prepared store is written).
+  An entry is therefore a function of (backbone, weights, input size, preprocessing, image
+  pixels) and nothing else: any change of data preprocessing or augmentation changes the pixels
+  and so the key, and is never served a stale embedding, while the same image in two prepared
+  stores — the same slice, or the same augmented view, in the stores of two `data.target`s,
+  whose images do not depend on the target — is one entry, encoded once:
 
-      <root>/embeddings/<backbone>/<weights[:16]>-s<size>-p<prep[:8]>/<h[:2]>/<h>/
+      <root>/embeddings/<backbone>/<weights[:16]>-s<size>-p<prep[:8]>/<h[:2]>/<h[:32]>/
           image_embed.npy  [high_res_0.npy  high_res_1.npy]  meta.json
 
 - float16 `.npy` files, read memory-mapped (`load`), or copied once into RAM for a process that
@@ -52,7 +56,8 @@ from tqdm import tqdm
 from study.data.prepare import PreparedDataset, SliceRecord
 
 #: Bumped whenever what an entry holds or how it is laid out changes; part of the namespace name.
-CACHE_FORMAT = 1
+#: 2: entries keyed by the image's content (`SliceRecord.image_sha256`), not by store, id and view.
+CACHE_FORMAT = 2
 META_FILE = "meta.json"
 TEMP_PREFIX = ".tmp-"
 
@@ -117,7 +122,9 @@ def _read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
 
 
 class EmbeddingCache:
-    """The cache entries of one backbone (name, weights, input size, preprocessing) for one prepared store."""
+    """The cache entries of one backbone (name, weights, input size, preprocessing), read for one
+    prepared store; `prepared_key` names that store (the entries themselves are shared by every
+    store that holds the same image)."""
 
     def __init__(self, root: Path, backbone_name: str, weights_id: str, input_size: int, prepared_key: str,
                  *, preprocessing: str = ""):
@@ -135,8 +142,12 @@ class EmbeddingCache:
     # --- one entry ------------------------------------------------------------------------------
 
     def entry_dir(self, record: SliceRecord) -> Path:
-        name = hashlib.sha256(f"{self.prepared_key}\0{record.image_id}\0{record.view}".encode()).hexdigest()[:32]
-        return self.namespace / name[:2] / name
+        """The entry of `record`'s image: named by its content hash, whichever store it is from."""
+        digest = record.image_sha256
+        if len(digest) != 64:
+            raise ValueError(f"the record of image {record.image_id!r} (view {record.view}) has no image_sha256; "
+                             f"it comes from a prepared store older than this cache (prepare the data again)")
+        return self.namespace / digest[:2] / digest[:32]
 
     def is_valid(self, record: SliceRecord, verify: bool = False) -> bool:
         """Whether the entry is complete: every array file present with its recorded size, and a
@@ -170,8 +181,9 @@ class EmbeddingCache:
         final.parent.mkdir(parents=True, exist_ok=True)
         temp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}.", dir=final.parent))
         try:
-            meta = {"format": CACHE_FORMAT, "image_id": record.image_id, "view": record.view,
-                    "prepared_key": self.prepared_key, "arrays": {}}
+            # image_id, view and prepared_key say which record was encoded first (others may share it)
+            meta = {"format": CACHE_FORMAT, "image_sha256": record.image_sha256, "image_id": record.image_id,
+                    "view": record.view, "prepared_key": self.prepared_key, "arrays": {}}
             for name, array in arrays.items():
                 with np.errstate(over="ignore", invalid="ignore"):
                     half = np.ascontiguousarray(array, dtype=np.float16)
@@ -256,7 +268,8 @@ class EmbeddingCache:
         """Encode every record not yet validly cached, in batches of images of equal size.
 
         `batch_size` None takes `DEFAULT_ENCODE_BATCH` for the backbone's device type. Returns the
-        counts of this call (also added to `self.counts`): hits were already cached, misses were
+        counts of this call (also added to `self.counts`), one per distinct image (entry): hits
+        were already cached (by this store or by another holding the same image), misses were
         encoded now, corrupt ones failed `is_valid(verify=verify)` and were encoded again.
         Safe to run in several processes at once (each entry is written atomically); it can run
         inside a Ray task, as it takes and returns plain objects.
@@ -266,11 +279,11 @@ class EmbeddingCache:
         self.remove_stale_temp_folders()
         counts = EncodeCounts()
         pending: dict[tuple[int, int], list[SliceRecord]] = defaultdict(list)
-        seen: set[tuple[str, int]] = set()
+        seen: set[str] = set()
         for record in records:
-            if (record.image_id, record.view) in seen:
+            if record.image_sha256 in seen:  # one entry per distinct image
                 continue
-            seen.add((record.image_id, record.view))
+            seen.add(record.image_sha256)
             if self.is_valid(record, verify=verify):
                 counts.hits += 1
                 continue

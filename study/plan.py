@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from search_spaces.grid import count_configurations, count_trials, trials_per_level
 from study.config import StudyConfig, config_hash
-from study.data.prepare import DatasetPlan, plan_dataset
+from study.data.prepare import DatasetPlan, plan_targets
 from study.weights import weights_table
 
 
@@ -21,19 +21,32 @@ class StudyPlan:
     configurations: int  # grid cells, times the draws per cell for random and optuna
     trials: int  # configurations x search.seeds
     per_level: dict
-    data: DatasetPlan
+    data: DatasetPlan  # the first (or only) target's store
     weights: list[dict]
+    datasets: list[DatasetPlan] = None  # one per target, in data.target's order
+    unique_images: int | None = None  # distinct images over every target's store
+
+    def __post_init__(self):
+        if self.datasets is None:
+            self.datasets = [self.data]
+        if self.unique_images is None:
+            self.unique_images = sum(self.data.images.values())
+
+    @property
+    def targets(self) -> list[str]:
+        return [d.target for d in self.datasets]
 
     @property
     def encode_images(self) -> int:
-        """Images each backbone encodes: every training view plus the val and test slices."""
-        return sum(self.data.images.values())
+        """Images each backbone encodes: every training view plus the val and test slices, each
+        distinct image once over all targets' stores (a slice two targets keep is one image)."""
+        return self.unique_images
 
     @property
     def zero_shot_evaluations(self) -> int:
         if not self.config.baseline.zero_shot:
             return 0
-        return len(self.config.factors.backbone) * len(self.config.factors.eval_prompts())
+        return len(self.config.factors.backbone) * len(self.config.factors.eval_prompts()) * len(self.datasets)
 
     @property
     def missing_weights(self) -> list[dict]:
@@ -43,14 +56,17 @@ class StudyPlan:
 def build_plan(config: StudyConfig) -> StudyPlan:
     backbones = set(config.factors.backbone)
     weights = [row for row in weights_table(config.weights.dir, config.weights.files) if row["name"] in backbones]
+    datasets, unique_images = plan_targets(config)
     return StudyPlan(
         config=config,
         config_hash=config_hash(config),
         configurations=count_configurations(config),
         trials=count_trials(config),
         per_level=trials_per_level(config),
-        data=plan_dataset(config),
+        data=datasets[0],
         weights=weights,
+        datasets=datasets,
+        unique_images=unique_images,
     )
 
 
@@ -77,7 +93,12 @@ def format_plan(plan: StudyPlan) -> str:
     lines.append("  fixed: " + ", ".join(f"{n}={v}" for n, v in fixed.items()))
     for name, rng in factors.ranges().items():
         lines.append(f"  searched: {name} ~ {rng.kind}[{rng.low:g}, {rng.high:g}]")
-    lines.append(plan.data.describe())
+    several = len(plan.datasets) > 1
+    if several:
+        lines.append(f"Targets: {len(plan.datasets)} ({', '.join(plan.targets)}), a grid axis: one prepared store "
+                     f"each, the images encoded once for all")
+    for data in plan.datasets:
+        lines.append(data.describe())
     evaluation = cfg.evaluation
     lines.append(
         f"Evaluation: single-point prompts "
@@ -86,11 +107,14 @@ def format_plan(plan: StudyPlan) -> str:
         + f"; NSD at {evaluation.nsd_tolerance_mm:g} mm (pixels without spacing); HD95 with exactly one "
         f"empty mask = the image {evaluation.hd95_penalty}"
     )
+    stored = sum(sum(d.images.values()) for d in plan.datasets)
+    shared = f" (distinct over the {len(plan.datasets)} targets' {stored} store images)" if several else ""
     lines += [
-        f"Encode: {len(factors.backbone)} backbone(s) x {plan.encode_images} images = "
+        f"Encode: {len(factors.backbone)} backbone(s) x {plan.encode_images} images{shared} = "
         f"{len(factors.backbone) * plan.encode_images} encoder passes, done once and cached",
         f"Zero-shot evaluations: {plan.zero_shot_evaluations} "
-        f"({len(factors.backbone)} backbone(s) x eval prompts {', '.join(factors.eval_prompts())})"
+        f"({len(factors.backbone)} backbone(s) x eval prompts {', '.join(factors.eval_prompts())}"
+        + (f" x {len(plan.datasets)} targets" if several else "") + ")"
         if cfg.baseline.zero_shot else "Zero-shot evaluations: off",
         f"Weights ({cfg.weights.dir}):",
     ]

@@ -7,7 +7,7 @@ Ray's API moves between releases, so every Ray import of the project is here. Th
   local instance, and always shuts down what it started.
 - `run_encode` fills the embedding cache with one task per (backbone, shard), one GPU each where
   the cluster has GPUs, before any trial starts; trials only read the cache.
-- `run_zero_shot` evaluates every backbone x eval prompt as tasks.
+- `run_zero_shot` evaluates every backbone x eval prompt (x target, with several) as tasks.
 - `run_tune` runs the fine-tune trials: grid and random search as the explicit trial list of
   `search_spaces.space.plan_trials` (one Ray trial per params dict, every seed its own trial),
   Optuna TPE within each grid cell through `CellwiseOptunaSearch` (each proposal once per
@@ -84,8 +84,8 @@ def _encode_task(backbone: str, weights: str, prepared_root: str, cache_root: st
 
 
 @ray.remote(max_retries=2)
-def _zero_shot_task(backbone: str, prompt: str, context: stages.StudyContext) -> dict:
-    return stages.zero_shot(backbone, prompt, context, node=_node_id())
+def _zero_shot_task(backbone: str, prompt: str, target: str | None, context: stages.StudyContext) -> dict:
+    return stages.zero_shot(backbone, prompt, context, node=_node_id(), target=target)
 
 
 def _wait_all(refs: list, on_done: Callable[[object, object], None]) -> None:
@@ -96,12 +96,13 @@ def _wait_all(refs: list, on_done: Callable[[object, object], None]) -> None:
             on_done(pending.pop(ref), ray.get(ref))
 
 
-def run_encode(jobs: list[tuple[str, str, list]], prepared_root: str, cache_root: str,
+def run_encode(jobs: list[tuple[str, str, str, list]], cache_root: str,
                progress: Callable[[int, dict], None]) -> None:
-    """One task per (backbone, shard of image ids); `progress(images_done, counts)` after each."""
+    """One task per (backbone, weights, prepared store, shard of image ids); `progress(images_done,
+    counts)` after each."""
     options = _gpu_options()
-    refs = [_encode_task.options(**options).remote(b, w, prepared_root, cache_root, ids) for b, w, ids in jobs]
-    _wait_all(refs, lambda i, counts: progress(len(jobs[i][2]), counts))
+    refs = [_encode_task.options(**options).remote(b, w, root, cache_root, ids) for b, w, root, ids in jobs]
+    _wait_all(refs, lambda i, counts: progress(len(jobs[i][3]), counts))
 
 
 @ray.remote(max_retries=2)
@@ -116,10 +117,11 @@ def run_finalise(params_list: list[dict], context: stages.StudyContext, on_resul
     _wait_all(refs, lambda i, record: on_result(record))
 
 
-def run_zero_shot(pairs: list[tuple[str, str]], context: stages.StudyContext,
+def run_zero_shot(evaluations: list[tuple[str, str, str | None]], context: stages.StudyContext,
                   on_result: Callable[[dict], None]) -> None:
+    """One task per (backbone, eval prompt, target or None)."""
     options = _gpu_options()
-    refs = [_zero_shot_task.options(**options).remote(b, p, context) for b, p in pairs]
+    refs = [_zero_shot_task.options(**options).remote(b, p, t, context) for b, p, t in evaluations]
     _wait_all(refs, lambda i, record: on_result(record))
 
 

@@ -4,6 +4,11 @@
 stage reuses what an earlier run finished (the prepared store, cached embeddings, trial folders
 with their result.json), so running the same command again resumes the study; `fresh=True`
 moves the old study folder aside first. The driver (this process) is the only writer to MLflow.
+
+With several targets (`data.target` a list) every target gets its prepared store, `target` is a
+grid axis of the trials, zero-shot runs per backbone x eval prompt x target, and the encode
+jobs cover every store, each distinct image once (a slice's images are the same in every
+target's store, and the embedding cache is keyed by image content).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from search_spaces.grid import study_axes
 from search_spaces.space import search_plan, trial_id, zero_shot_id
 from study import stages
 from study.config import StudyConfig, config_hash, resolved_dict, write_resolved
@@ -74,10 +80,15 @@ def run_study(config: StudyConfig, plan_text: str, *, fresh: bool = False, addre
     study_dir = _claim_study_dir(config, fresh)
     weights = {name: str(resolve_weights(name, config.weights.dir, config.weights.files))
                for name in config.factors.backbone}
-    dataset = prepare_dataset(config)
-    print(f"Prepared slices: {dataset.root} ({'reused' if dataset.reused else 'written'})", flush=True)
+    targets = config.data.targets()
+    datasets = [prepare_dataset(config, target=target) for target in targets]
+    for target, dataset in zip(targets, datasets):
+        label = f" ({target})" if config.data.multi_target else ""
+        print(f"Prepared slices{label}: {dataset.root} ({'reused' if dataset.reused else 'written'})", flush=True)
+    roots = [str(Path(dataset.root).resolve()) for dataset in datasets]
     context = stages.StudyContext(
-        study_dir=str(study_dir.resolve()), prepared_root=str(Path(dataset.root).resolve()),
+        study_dir=str(study_dir.resolve()), prepared_root=roots[0],
+        prepared_roots=dict(zip(targets, roots)) if config.data.multi_target else {},
         cache_root=str(config.cache_dir.resolve()), weights=weights, seed=config.study.seed,
         eval_prompt=config.factors.eval_prompt,
         prompt_settings={k: v for k, v in config.prompts.model_dump().items() if k != "file"},
@@ -86,10 +97,12 @@ def run_study(config: StudyConfig, plan_text: str, *, fresh: bool = False, addre
         single_point_multimask=config.evaluation.single_point_multimask,
         nsd_tolerance=config.evaluation.nsd_tolerance_mm,
     )
-    if not dataset.records_for("val"):
-        raise UserError(f"The prepared data has no validation slices ({dataset.root}), so no trial can choose its "
-                        f"best epoch. Raise data.split.val, or lower data.slicing.min_area so that the validation "
-                        f"subjects keep slices.")
+    for dataset in datasets:
+        if not dataset.records_for("val"):
+            raise UserError(f"The prepared data has no validation slices ({dataset.root}, target "
+                            f"{dataset.settings['target']}), so no trial can choose its best epoch. Raise "
+                            f"data.split.val, or lower data.slicing.min_area so that the validation subjects "
+                            f"keep slices.")
     info = _model_info()
     plan = search_plan(config)
     tracker = StudyTracker(config.tracking.uri, config.experiment_name, study_dir)
@@ -97,23 +110,43 @@ def run_study(config: StudyConfig, plan_text: str, *, fresh: bool = False, addre
         tracker.start_parent(config.study.name, config_hash(config), study_dir / "resolved.yaml", plan_text,
                              resolved_dict(config), fresh=fresh)
         with ray_tune.ray_session(address or config.ray.address, num_cpus=num_cpus) as resources:
-            _encode(ray_tune, config, dataset, weights, context, int(resources.get("GPU") or resources.get("CPU", 1)))
+            _encode(ray_tune, config, datasets, weights, context, int(resources.get("GPU") or resources.get("CPU", 1)))
             if config.baseline.zero_shot:
                 _zero_shot(ray_tune, config, context, tracker, info)
             _tune(ray_tune, config, plan, context, tracker, info)
-        counts = stages.collect_results(study_dir, list(config.factors.categorical_axes()) + list(plan.ranges), info)
+        counts = stages.collect_results(study_dir, list(study_axes(config)) + list(plan.ranges), info)
         report_dir = _report(config, study_dir, tracker)
         command = tracker.mlflow_ui_command()
     return StudyOutcome(study_dir, counts, report_dir, command)
 
 
-def _encode(ray_tune, config: StudyConfig, dataset, weights: dict, context, workers: int) -> None:
-    """One task per (backbone, shard); shards of at most ENCODE_SHARD images, at least one per worker."""
-    keys = [(r.image_id, r.view) for r in dataset.records]
-    size = max(1, min(ENCODE_SHARD, -(-len(keys) // max(workers, 1))))
-    jobs = [(name, weights[name], keys[i:i + size])
-            for name in config.factors.backbone for i in range(0, len(keys), size)]
-    bar = tqdm(total=len(keys) * len(config.factors.backbone), desc="encode", unit="img")
+def encode_keys(datasets: list) -> list[tuple[str, list[tuple[str, int]]]]:
+    """Per prepared store (root, [(image id, view)]): every distinct image once over all stores.
+
+    An image (by `SliceRecord.image_sha256`, the cache's key) that an earlier store holds is left
+    out of a later store's list: the same slice in two targets' stores is encoded once.
+    """
+    seen: set[str] = set()
+    out = []
+    for dataset in datasets:
+        keys = []
+        for record in dataset.records:
+            if record.image_sha256 not in seen:
+                seen.add(record.image_sha256)
+                keys.append((record.image_id, record.view))
+        out.append((str(Path(dataset.root).resolve()), keys))
+    return out
+
+
+def _encode(ray_tune, config: StudyConfig, datasets: list, weights: dict, context, workers: int) -> None:
+    """One task per (backbone, store, shard); shards of at most ENCODE_SHARD images, at least one per
+    worker; every distinct image of the study's stores once (`encode_keys`)."""
+    per_store = encode_keys(datasets)
+    total = sum(len(keys) for _, keys in per_store)
+    size = max(1, min(ENCODE_SHARD, -(-total // max(workers, 1))))
+    jobs = [(name, weights[name], root, keys[i:i + size])
+            for name in config.factors.backbone for root, keys in per_store for i in range(0, len(keys), size)]
+    bar = tqdm(total=total * len(config.factors.backbone), desc="encode", unit="img")
     totals = {"hits": 0, "misses": 0, "corrupt": 0}
 
     def progress(images: int, counts: dict) -> None:
@@ -121,7 +154,7 @@ def _encode(ray_tune, config: StudyConfig, dataset, weights: dict, context, work
         for key in totals:
             totals[key] += counts[key]
 
-    ray_tune.run_encode(jobs, context.prepared_root, context.cache_root, progress)
+    ray_tune.run_encode(jobs, context.cache_root, progress)
     bar.close()
     print(f"Embedding cache: {totals['misses']} encoded, {totals['hits']} reused, "
           f"{totals['corrupt']} corrupt entries re-encoded", flush=True)
@@ -143,11 +176,17 @@ def _finish(tracker: StudyTracker, record: dict) -> None:
                          artifacts=artifacts, reason=record.get("reason"), trial_status=record["status"])
 
 
+def zero_shot_runs(config: StudyConfig) -> list[tuple[str, str, str | None]]:
+    """(backbone, eval prompt, target) of every zero-shot evaluation; target None with one target."""
+    targets = config.data.targets() if config.data.multi_target else (None,)
+    return [(b, p, t) for t in targets for b in config.factors.backbone for p in config.factors.eval_prompts()]
+
+
 def _zero_shot(ray_tune, config: StudyConfig, context, tracker: StudyTracker, info: dict) -> None:
-    pairs = [(b, p) for b in config.factors.backbone for p in config.factors.eval_prompts()]
-    for backbone, prompt in pairs:
-        tracker.trial_run(zero_shot_id(backbone, prompt), "zero_shot",
-                          _trial_params({"backbone": backbone, "prompt": prompt}, info[backbone]))
+    pairs = zero_shot_runs(config)
+    for backbone, prompt, target in pairs:
+        params = {"backbone": backbone, "prompt": prompt, **({"target": target} if target else {})}
+        tracker.trial_run(zero_shot_id(backbone, prompt, target), "zero_shot", _trial_params(params, info[backbone]))
     bar = tqdm(total=len(pairs), desc="zero-shot", unit="eval")
 
     def on_result(record: dict) -> None:
@@ -222,7 +261,9 @@ def format_summary(outcome: StudyOutcome) -> str:
              f"{outcome.counts.get('per_subject', 0)} per-subject rows."]
     if len(tuned):
         resolved = yaml.safe_load((outcome.study_dir / "resolved.yaml").read_text())
-        factors = [f for f, v in resolved["factors"].items()  # grid factors; searched ranges have no levels
+        axes = {**({"target": resolved["data"]["target"]} if isinstance(resolved["data"].get("target"), list)
+                   else {}), **resolved["factors"]}
+        factors = [f for f, v in axes.items()  # grid factors; searched ranges have no levels
                    if isinstance(v, list) and f in tuned and tuned[f].nunique(dropna=False) > 1]
         searched = [f for f, v in resolved["factors"].items() if isinstance(v, dict)]
         keys = [f for f in factors + searched if f in tuned]

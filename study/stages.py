@@ -29,7 +29,12 @@ HISTORY_COLUMNS = ["trial_id", "epoch", "train_loss", "val_loss", "val_dice", "v
 
 @dataclass(frozen=True)
 class StudyContext:
-    """What every worker needs besides a trial's own parameters; plain values, picklable."""
+    """What every worker needs besides a trial's own parameters; plain values, picklable.
+
+    `prepared_root` is the prepared store of a one-target study; with several targets
+    (`data.target` a list), `prepared_roots` maps each target to its store and a trial opens the
+    store of its `target` param (`prepared_for`).
+    """
 
     study_dir: str
     prepared_root: str
@@ -43,9 +48,18 @@ class StudyContext:
     select_mode: str = "max"
     single_point_multimask: bool = True
     nsd_tolerance: float = 2.0
+    prepared_roots: dict = field(default_factory=dict)  # target -> store, with several targets
 
     def trial_dir(self, name: str) -> Path:
         return Path(self.study_dir) / "results" / "trials" / name
+
+    def prepared_for(self, target: str | None) -> str:
+        """The prepared store a trial of `target` reads (None: a one-target study's store)."""
+        if target is None:
+            return self.prepared_root
+        if target not in self.prepared_roots:
+            raise KeyError(f"no prepared store for target {target!r}; the study has {sorted(self.prepared_roots)}")
+        return self.prepared_roots[target]
 
 
 def _device() -> str:
@@ -91,7 +105,8 @@ def read_stopped(folder: Path) -> int | None:
 
 def encode_shard(backbone_name: str, weights: str, prepared_root: str, cache_root: str,
                  image_ids: list[tuple[str, int]]) -> dict:
-    """Fill the embedding cache for some prepared images; returns hit/miss/corrupt counts."""
+    """Fill the embedding cache for some images of one prepared store; returns hit/miss/corrupt counts
+    (per distinct image: an image another store holds too is a hit once encoded for either)."""
     from study.data.prepare import open_prepared
     from study.embedding_cache import EmbeddingCache
     from trainables.decoder import TrialSpec, resident_backbone, retain_freed_memory
@@ -145,19 +160,23 @@ def _save_outputs(folder: Path, result, params: dict, status: str, node: str | N
     return record
 
 
-def zero_shot(backbone_name: str, prompt: str, context: StudyContext, node: str | None = None) -> dict:
-    """Evaluate a backbone with its own decoder on val and test with one prompt; no training."""
+def zero_shot(backbone_name: str, prompt: str, context: StudyContext, node: str | None = None,
+              target: str | None = None) -> dict:
+    """Evaluate a backbone with its own decoder on val and test with one prompt; no training.
+
+    `target` (several-target studies only) picks the prepared store and is part of the id and params.
+    """
     from trainables.decoder import run_trial
 
-    name = zero_shot_id(backbone_name, prompt)
+    name = zero_shot_id(backbone_name, prompt, target)
     folder = context.trial_dir(name)
     done = read_result(folder)
     if done:
         return done
-    params = {"backbone": backbone_name, "prompt": prompt}
+    params = {"backbone": backbone_name, "prompt": prompt, **({"target": target} if target else {})}
     spec = _spec({**params, "epochs": 0}, StudyContext(**{**asdict(context), "eval_prompt": (prompt,)}), name, "zero_shot")
     started = time.time()
-    result = run_trial(spec, Path(context.prepared_root), Path(context.cache_root))
+    result = run_trial(spec, Path(context.prepared_for(target)), Path(context.cache_root))
     return _save_outputs(folder, result, params, "TERMINATED", node, started)
 
 
@@ -193,7 +212,7 @@ def finetune(params: dict, context: StudyContext, report: Callable[[dict], None]
 
     started = time.time()
     try:
-        result = run_trial(spec, Path(context.prepared_root), Path(context.cache_root),
+        result = run_trial(spec, Path(context.prepared_for(params.get("target"))), Path(context.cache_root),
                            checkpoint_dir=folder / "checkpoint", on_epoch=on_epoch)
     except TrialFailed as failure:
         folder.mkdir(parents=True, exist_ok=True)

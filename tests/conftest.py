@@ -33,3 +33,16 @@ def phantom_dataset(tmp_path_factory) -> tuple[StudyConfig, PreparedDataset]:
         },
     })
     return config, prepare_dataset(config, progress=False)
+
+
+@pytest.fixture(scope="session")
+def two_target_datasets(phantom_dataset) -> tuple[StudyConfig, dict[str, PreparedDataset]]:
+    """The `phantom_dataset` config with `data.target: [whole_tumor, tumor_core]`: (config, target -> store).
+
+    The whole-tumour store is the fixture's own (the same key); the tumour-core store is prepared
+    once into the same cache folder. Treat both as read-only.
+    """
+    config, whole = phantom_dataset
+    several = config.model_copy(update={"data": config.data.model_copy(update={"target": ("whole_tumor", "tumor_core")})})
+    return several, {"whole_tumor": prepare_dataset(several, progress=False, target="whole_tumor"),
+                     "tumor_core": prepare_dataset(several, progress=False, target="tumor_core")}

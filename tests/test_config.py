@@ -144,3 +144,39 @@ def test_bad_input_is_named(tmp_path, text, expected):
 def test_missing_study_file_is_named(tmp_path):
     with pytest.raises(UserError, match="nope.yaml: no such study file"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_target_list_is_a_grid_axis_and_one_target_keeps_the_trial_ids(tmp_path):
+    from search_spaces.space import trial_id
+
+    several = load_config(write(tmp_path, "data:\n  target: [whole_tumor, tumor_core]\nfactors:\n  lr: [1.0e-4, 1.0e-3]\n"))
+    assert several.data.targets() == ("whole_tumor", "tumor_core") and several.data.multi_target
+    assert count_trials(several) == 4
+    cells = grid_cells(several)
+    assert [c["target"] for c in cells] == ["whole_tumor", "whole_tumor", "tumor_core", "tumor_core"]
+    assert trials_per_level(several)["target"] == {"whole_tumor": 2, "tumor_core": 2}
+    write_resolved(several, tmp_path / "several")
+    assert yaml.safe_load((tmp_path / "several" / "resolved.yaml").read_text())["data"]["target"] == [
+        "whole_tumor", "tumor_core"]
+
+    single = load_config(write(tmp_path, "data:\n  target: whole_tumor\nfactors:\n  lr: [1.0e-4, 1.0e-3]\n"))
+    assert single.data.targets() == ("whole_tumor",) and not single.data.multi_target
+    assert all("target" not in c for c in grid_cells(single))  # no target param: trial ids unchanged
+    assert [trial_id(c) for c in grid_cells(single)] == [trial_id({k: v for k, v in c.items() if k != "target"})
+                                                        for c in cells[:2]]
+    one_listed = load_config(write(tmp_path, "data:\n  target: [whole_tumor]\nfactors:\n  lr: [1.0e-4, 1.0e-3]\n"))
+    assert one_listed.data.target == "whole_tumor" and config_hash(one_listed) == config_hash(single)
+    assert load_config(write(tmp_path, "study: {name: x}\n")).data.targets() == (None,)  # the reader's default
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("data:\n  target: [whole_tumor, tumor_core, whole_tumor]\n",
+     [r"line 2", r"data.target\[2\] = 'whole_tumor' repeats data.target\[0\]"]),
+    ("data:\n  target: [whole_tumor, 3]\n", [r"data.target\[1\] = 3 is not a target name"]),
+    ("data:\n  target: []\n", [r"at least one name"]),
+])
+def test_bad_target_lists_name_the_index(tmp_path, text, expected):
+    with pytest.raises(UserError) as info:
+        load_config(write(tmp_path, text))
+    for pattern in expected:
+        assert __import__("re").search(pattern, str(info.value)), (pattern, str(info.value))

@@ -86,7 +86,7 @@ def test_resident_copy_and_memory_mapped_batches_agree(cache, sam_b, phantom_dat
     assert from_ram.dtype == torch.float32 and torch.equal(from_ram, from_disk)
 
 
-def test_the_key_separates_backbones_sizes_weights_and_prepared_stores(tmp_path, sam_b, phantom_dataset):
+def test_the_key_separates_backbones_sizes_and_weights_and_is_the_image_content(tmp_path, sam_b, phantom_dataset):
     _, dataset = phantom_dataset
     record = dataset.records_for("val")[0]
     small = EmbeddingCache.for_backbone(tmp_path, sam_b, dataset.key)
@@ -95,7 +95,9 @@ def test_the_key_separates_backbones_sizes_weights_and_prepared_stores(tmp_path,
     medsam = EmbeddingCache.for_backbone(tmp_path, build_backbone("medsam", "random", input_size=SMALL), dataset.key)
     assert other_size.namespace != small.namespace
     assert medsam.namespace != small.namespace  # same architecture, another input contract
-    assert other_store.namespace == small.namespace and other_store.entry_dir(record) != small.entry_dir(record)
+    # content-addressed: the same image read through another store is the same entry
+    assert other_store.namespace == small.namespace and other_store.entry_dir(record) == small.entry_dir(record)
+    assert small.entry_dir(record).name == record.image_sha256[:32]
     weights = EmbeddingCache(tmp_path, "sam_b", "ab" * 32, SMALL, dataset.key)
     assert weights.namespace != EmbeddingCache(tmp_path, "sam_b", "cd" * 32, SMALL, dataset.key).namespace
     view = dataset.records_for("train", views=True)
@@ -215,3 +217,27 @@ def test_temp_folders_of_killed_writers_are_removed_once_stale(cache, sam_b, pha
     cache.ensure(sam_b, dataset, [record], progress=False)
     assert not stale.exists() and fresh.exists()  # a young one may belong to a live writer
     assert cache.is_valid(record, verify=True)
+
+
+def test_two_targets_share_the_entries_of_their_common_images(tmp_path, sam_b, two_target_datasets, monkeypatch):
+    """The same slice (or augmented view) in two targets' stores is one entry: after the first
+    store is encoded, the second's ensure() counts its shared images as hits and encodes only the rest."""
+    _, stores = two_target_datasets
+    whole, core = stores["whole_tumor"], stores["tumor_core"]
+    first = EmbeddingCache.for_backbone(tmp_path, sam_b, whole.key)
+    second = EmbeddingCache.for_backbone(tmp_path, sam_b, core.key)
+    assert first.namespace == second.namespace
+    in_whole = {r.image_sha256 for r in whole.records}
+    core_images = {r.image_sha256 for r in core.records}
+    shared, own = core_images & in_whole, core_images - in_whole
+    assert shared and own  # the phantom's tumour core: mostly the whole tumour's slices, and some of its own
+    calls = _count_encoded_images(sam_b, monkeypatch)
+    assert first.ensure(sam_b, whole, whole.records, progress=False) == EncodeCounts(misses=len(in_whole))
+    calls.clear()
+    counts = second.ensure(sam_b, core, core.records, progress=False)
+    assert counts == EncodeCounts(hits=len(shared), misses=len(own), corrupt=0)
+    assert sum(calls) == len(own)
+    record = next(r for r in core.records if r.image_sha256 in shared)
+    twin = next(r for r in whole.records if r.image_sha256 == record.image_sha256)
+    assert second.entry_dir(record) == first.entry_dir(twin)
+    np.testing.assert_array_equal(second.load(record)["image_embed"], first.load(twin)["image_embed"])

@@ -84,3 +84,92 @@ def test_bad_input_exits_2_with_one_paragraph_and_no_traceback(tmp_path):
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert "/nonexistent/Task01" in run.stderr and run.stderr.startswith("error: ")
+
+
+def test_dry_run_with_two_targets_counts_trials_twice_and_encodes_shared_images_once(phantom_root, tmp_path, capsys):
+    path = example_pointed_at(phantom_root, tmp_path, data={"target": ["whole_tumor", "tumor_core"]})
+    assert main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Trials: 360 configurations x 1 seed = 360 trials (grid search" in out
+    assert "target         whole_tumor: 180, tumor_core: 180" in out
+    assert "Targets: 2 (whole_tumor, tumor_core)" in out
+    assert "target whole_tumor;" in out and "target tumor_core;" in out
+    assert "Zero-shot evaluations: 40 (5 backbone(s) x eval prompts" in out and "x 2 targets)" in out
+
+    from study.config import load_config
+    from study.data.prepare import plan_dataset, plan_targets
+
+    config = load_config(path)
+    plans, unique = plan_targets(config, progress=False)
+    per_store = [sum(p.images.values()) for p in plans]
+    # the tumour core lies inside the whole tumour, so its slices are mostly the same images
+    assert max(per_store) <= unique < sum(per_store)
+    assert f"x {unique} images (distinct over the 2 targets' {sum(per_store)} store images)" in out
+    assert plans[1].key != plans[0].key and plan_dataset(config, progress=False, target="tumor_core").key == plans[1].key
+
+
+def test_an_unknown_target_in_a_list_is_named_with_its_index(phantom_root, tmp_path, capsys):
+    path = example_pointed_at(phantom_root, tmp_path, data={"target": ["whole_tumor", "tumour_core"]})
+    assert main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "data.target[1] = 'tumour_core' is not a target" in err and "tumor_core" in err
+
+
+def test_the_runner_pieces_route_each_target_to_its_store_and_encode_shared_images_once(
+        two_target_datasets, tmp_path, monkeypatch):
+    """Without Ray: encode jobs cover every store with each distinct image once; zero-shot runs per
+    backbone x prompt x target; a trial or zero-shot evaluation opens its target's store; trials.csv
+    gets a target column."""
+    import json
+
+    import pandas as pd
+
+    import trainables.decoder
+    from search_spaces.grid import study_axes
+    from search_spaces.space import search_plan, trial_id
+    from study import stages
+    from study.runner import encode_keys, zero_shot_runs
+
+    config, stores = two_target_datasets
+    datasets = [stores["whole_tumor"], stores["tumor_core"]]
+    per_store = encode_keys(datasets)
+    assert [root for root, _ in per_store] == [str(d.root.resolve()) for d in datasets]
+    assert len(per_store[0][1]) == len(datasets[0].records)  # the first store: all its images
+    shas = {(r.image_id, r.view): r.image_sha256 for r in datasets[1].records}
+    first = {r.image_sha256 for r in datasets[0].records}
+    assert per_store[1][1] and all(shas[key] not in first for key in per_store[1][1])  # only its own images
+    assert sum(len(keys) for _, keys in per_store) == len(first | set(shas.values()))
+
+    assert zero_shot_runs(config) == [("litemedsam", "box", "whole_tumor"), ("litemedsam", "box", "tumor_core")]
+    assert list(study_axes(config))[0] == "target"
+    trials = [{**cell, "seed": 0} for cell in search_plan(config).cells]
+    assert [t["target"] for t in trials] == ["whole_tumor", "tumor_core"]
+    assert trial_id(trials[0]) != trial_id(trials[1])
+
+    context = stages.StudyContext(study_dir=str(tmp_path), prepared_root=str(datasets[0].root), cache_root=str(tmp_path),
+                                  weights={"litemedsam": "random"}, seed=0, eval_prompt="same",
+                                  prepared_roots={"whole_tumor": str(datasets[0].root),
+                                                  "tumor_core": str(datasets[1].root)})
+    opened = []
+
+    class Result:
+        trial_id, stage, per_image, per_subject, history, predictions = "", "zero_shot", [], [], [], {}
+        summary = {"test_dice": 0.5}
+
+    def fake_run_trial(spec, prepared_root, cache_root, **_):
+        opened.append((spec.trial_id, Path(prepared_root)))
+        result = Result()
+        result.trial_id, result.stage = spec.trial_id, spec.stage
+        return result
+
+    monkeypatch.setattr(trainables.decoder, "run_trial", fake_run_trial)
+    record = stages.zero_shot("litemedsam", "box", context, target="tumor_core")
+    assert record["trial_id"] == "zs-litemedsam-box-tumor_core" and record["params"]["target"] == "tumor_core"
+    stages.finetune({**trials[1], "epochs": 1}, context, report=lambda metrics: None)
+    assert opened == [("zs-litemedsam-box-tumor_core", datasets[1].root),
+                      (trial_id({**trials[1], "epochs": 1}), datasets[1].root)]
+    stages.collect_results(tmp_path, list(study_axes(config)), {})
+    table = pd.read_csv(tmp_path / "results" / "trials.csv")
+    assert list(table.columns[4:6]) == ["image_encoder_params", "target"] and set(table["target"]) == {"tumor_core"}
+    assert json.loads((tmp_path / "results" / "trials" / record["trial_id"] / "result.json").read_text())["params"][
+        "target"] == "tumor_core"

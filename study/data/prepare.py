@@ -15,6 +15,15 @@ test subject loses part of its slices. `plan_dataset(config)` computes the same 
 label data alone, for the dry run, and writes nothing (except that the phantom reader generates
 its data).
 
+With several targets (`data.target: [whole_tumor, tumor_core, enhancing]`) each target has its
+own store: `prepare_dataset(config, target=name)`, `plan_targets(config)` for the dry run. The
+subject split does not depend on the target (it is seeded by subject names), so a subject is in
+the same split in every store, and each store's test split keeps every slice with its target;
+only `data.limit` may keep different test subjects per target (whole subjects are taken while
+their slices, which differ per target, fit). The images of a slice are the same in every store,
+and each record carries `image_sha256`, which the embedding cache is keyed by, so they are
+encoded once for all targets.
+
 Layout of a store, `<cache_dir>/prepared/<KEY>/`:
 
     index.json               {"format", "key", "settings", "plan", "records": [SliceRecord…]}
@@ -64,7 +73,8 @@ from study.errors import UserError
 #: Bumped whenever the store's layout or the preprocessing code changes what a store holds.
 #: 2: image ids unique across split folders, every target slice of a test subject kept (min_area
 #: and keep_empty filter train and val only), limit by whole test subjects, `slice_spacing`.
-STORE_FORMAT = 2
+#: 3: `SliceRecord.image_sha256`, the content address of the embedding cache.
+STORE_FORMAT = 3
 INDEX_FILE = "index.json"
 
 
@@ -83,6 +93,9 @@ class SliceRecord:
     the (row, col) pixel size in mm, None when unknown; `slice_spacing` the distance between
     neighbouring slices along the slicing axis in mm (z for axial, y for coronal, x for
     sagittal), None for 2D images and when unknown; `file` is relative to the store.
+    `image_sha256` is `image_digest` of the stored image (dtype, shape and bytes), computed once
+    when the store is written: the embedding cache is keyed by it, so the same image in two
+    stores (one per `data.target`: the images do not depend on the target) is encoded once.
     """
 
     image_id: str
@@ -96,6 +109,7 @@ class SliceRecord:
     width: int
     file: str
     slice_spacing: float | None = None
+    image_sha256: str = ""
 
     @classmethod
     def from_dict(cls, data: dict) -> SliceRecord:
@@ -201,6 +215,14 @@ class PreparedDataset:
                 f"was changed after it was written: delete that folder and run the study again to "
                 f"prepare it anew."
             ) from None
+
+
+def image_digest(image: np.ndarray) -> str:
+    """SHA-256 of an image array's dtype, shape and bytes (C order): `SliceRecord.image_sha256`."""
+    array = np.ascontiguousarray(image)
+    digest = hashlib.sha256(f"{array.dtype.str}{tuple(array.shape)}".encode())
+    digest.update(array.data)
+    return digest.hexdigest()
 
 
 def open_prepared(path: str | Path) -> PreparedDataset:
@@ -330,7 +352,14 @@ def store_key(reader_name: str, settings: dict, fingerprint: list[list]) -> str:
     return f"{reader_name}-{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
 
 
-def _resolve(config: StudyConfig) -> _Setup:
+def _target_error(value: str, index: int | None, reader, root: Path, targets: tuple[str, ...]) -> UserError:
+    where = "data.target" if index is None else f"data.target[{index}]"
+    return UserError(f"{where} = {value!r} is not a target of the {reader.name} dataset at {root}. "
+                     f"Valid targets: {', '.join(targets)}.")
+
+
+def _resolve(config: StudyConfig, target: str | None = None) -> _Setup:
+    """The setup for one of the config's targets (`target`; None: the first, or the only one)."""
     reader = build_reader(config.data.reader)
     root = _data_root(config, reader)
     entries = sorted(reader.index(root), key=lambda e: e.subject)
@@ -345,12 +374,16 @@ def _resolve(config: StudyConfig) -> _Setup:
             f"Empty label set: the {reader.name} dataset at {root} defines no targets (no label "
             f"categories or values). Check that its label files or annotations are present."
         )
-    target = config.data.target or reader.default_target
+    listed = config.data.targets()
+    if config.data.multi_target:
+        for index, name in enumerate(listed):
+            if name not in targets:
+                raise _target_error(name, index, reader, root, targets)
+    if target is not None and target not in listed:
+        raise ValueError(f"{target!r} is not one of the study's targets {listed}")
+    target = target or listed[0] or reader.default_target
     if target not in targets:
-        raise UserError(
-            f"data.target = {target!r} is not a target of the {reader.name} dataset at {root}. "
-            f"Valid targets: {', '.join(targets)}."
-        )
+        raise _target_error(target, None, reader, root, targets)
     strategy, modalities = resolve_channels(
         config.data.channels.strategy, config.data.channels.modalities, reader.modalities,
         reader.default_strategy, reader.default_modalities, reader.name,
@@ -538,14 +571,45 @@ def _absent_target(setup: _Setup) -> UserError:
     )
 
 
-def plan_dataset(config: StudyConfig, progress: bool = True) -> DatasetPlan:
+def _record_keys(records) -> set[tuple[str, int]]:
+    return {(r.image_id, r.view) for r in records}
+
+
+def _plan_and_keys(config: StudyConfig, target: str | None, progress: bool) -> tuple[DatasetPlan, set]:
+    """The plan of one target's store and the (image id, view) of every image it holds."""
+    setup = _resolve(config, target)
+    if (setup.store / INDEX_FILE).is_file():
+        stored = open_prepared(setup.store)
+        plan = DatasetPlan.from_dict({**stored.plan, "store": str(setup.store)}, prepared=True)
+        return plan, _record_keys(stored.records)
+    plan, planned = _plan(setup, config, progress)
+    views = config.data.augment.views
+    keys = {(p.image_id, view) for p in planned for view in range(1 + (views if p.split == "train" else 0))}
+    return plan, keys
+
+
+def plan_targets(config: StudyConfig, progress: bool = True) -> tuple[list[DatasetPlan], int]:
+    """The plan of every target's store (`data.target` in order) and the number of distinct images
+    over all of them: what each backbone encodes. A slice's image, and each augmented view of it,
+    does not depend on the target (the subject split is the same for every target, and a view is
+    seeded by study seed, subject, slice and view), so a slice two targets keep is one image."""
+    plans, keys = [], set()
+    for target in config.data.targets():
+        plan, held = _plan_and_keys(config, target, progress)
+        plans.append(plan)
+        keys |= held
+    return plans, len(keys)
+
+
+def plan_dataset(config: StudyConfig, progress: bool = True, target: str | None = None) -> DatasetPlan:
     """The dry run's view of the data: subjects, slices and images per split, channels, store key.
 
     Reads the dataset index and the label data (through the reader's `load_mask`), never the
     images, and writes nothing (the phantom reader may generate its data). When the store for
     these settings already exists, its recorded plan is returned without reading labels.
+    `target` picks one of the config's targets (None: the first, or the only one).
     """
-    setup = _resolve(config)
+    setup = _resolve(config, target)
     if (setup.store / INDEX_FILE).is_file():
         stored = open_prepared(setup.store).plan
         return DatasetPlan.from_dict({**stored, "store": str(setup.store)}, prepared=True)
@@ -556,9 +620,13 @@ def plan_dataset(config: StudyConfig, progress: bool = True) -> DatasetPlan:
 # --- writing the store --------------------------------------------------------------------------
 
 
-def prepare_dataset(config: StudyConfig, progress: bool = True) -> PreparedDataset:
-    """The prepared store for `config`: reused when it exists, else written (atomically) and opened."""
-    setup = _resolve(config)
+def prepare_dataset(config: StudyConfig, progress: bool = True, target: str | None = None) -> PreparedDataset:
+    """The prepared store for `config`: reused when it exists, else written (atomically) and opened.
+
+    `target` picks one of the config's targets (None: the first, or the only one); each target
+    has its own store (the key hashes the target).
+    """
+    setup = _resolve(config, target)
     if (setup.store / INDEX_FILE).is_file():
         return open_prepared(setup.store)
     if setup.store.exists():
@@ -659,7 +727,7 @@ def _write_slices(setup: _Setup, config: StudyConfig, planned: list[_PlannedSlic
                     image_id=image_id, subject=entry.subject, slice_index=index, split=item.split,
                     view=view, area=int(view_mask.sum()), spacing=spacing,
                     height=int(mask.shape[0]), width=int(mask.shape[1]), file=file,
-                    slice_spacing=slice_spacing,
+                    slice_spacing=slice_spacing, image_sha256=image_digest(view_image),
                 ))
             number += 1
     return records

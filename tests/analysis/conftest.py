@@ -1,8 +1,16 @@
-"""A small finished study, written by hand: what `python -m study.run` leaves on disk.
+"""Small finished studies, written by hand: what `python -m study.run` leaves on disk.
 
-Two backbones (sam_b, litemedsam) x two prompts (box, center_point), fine-tuned once each with
-adamw / dice_bce, plus a failed trial and four zero-shot evaluations, each scored on the same
-eight test images. The per-image values below are the ground truth the tests compute against.
+`write_study`: an older-format 2D study. Two backbones (sam_b, litemedsam) x two prompts (box,
+center_point), fine-tuned once each (one seed) with adamw / dice_bce, plus a failed trial and
+four zero-shot evaluations, each scored on the same eight 2D test images (each its own subject,
+so the unit of analysis is the image). Its per_image.csv predates the nsd, hd95_penalised and
+seed columns and it has no per_subject.csv. The per-image values below are the ground truth the
+tests compute against.
+
+`write_seeded_study`: the current format. The same 2 x 2 grid trained with `search.seeds: 2`
+on volumes: eight test subjects with 2 to 4 test slices each, per_image.csv with seed, nsd and
+hd95_penalised, and per_subject.csv. The backbone effect (0.08 Dice) is far beyond the seed
+noise (seed SD about 0.03); the prompt effect (0.005) is within it.
 """
 
 from __future__ import annotations
@@ -14,7 +22,9 @@ import pandas as pd
 import pytest
 import yaml
 
-IMAGES = ["S1:z010", "S1:z011", "S1:z012", "S1:z013", "S2:z020", "S2:z021", "S2:z022", "S2:z023"]
+from analysis.overlays import sanitise_image_id
+
+IMAGES = [f"case_{i:02d}.png" for i in range(1, 9)]  # 2D images, each its own subject
 AREAS = [120, 300, 800, 1500, 2600, 4000, 6500, 9000]
 BACKBONES = {"sam_b": ("sam", 89_670_912), "litemedsam": ("litemedsam", 5_659_216)}
 NAN = np.nan
@@ -47,11 +57,14 @@ def iou_from_dice(dice):
     return dice / (2 - dice)
 
 
-def write_resolved(study_dir: Path, factors: dict, search: dict | None = None, name: str = "fixture-study"):
+def write_resolved(study_dir: Path, factors: dict, search: dict | None = None, name: str = "fixture-study",
+                   evaluation: dict | None = None):
     config = {"study": {"name": name, "out": str(study_dir.parent), "seed": 0},
               "factors": factors,
               "search": search or {"algorithm": "grid", "num_samples": 1, "metric": "val_dice", "mode": "max"},
               "report": {"enabled": True}}
+    if evaluation is not None:
+        config["evaluation"] = evaluation
     (study_dir / "resolved.yaml").write_text("# resolved by study.config\n" + yaml.safe_dump(config, sort_keys=False))
 
 
@@ -79,7 +92,7 @@ def write_study(study_dir: Path, with_predictions: bool = True) -> Path:
             "test_hd95": float(np.nanmean(hd95)), "seconds": float(seconds)})
         for index, image_id in enumerate(IMAGES):
             per_image.append({"trial_id": trial_id, "stage": stage, "image_id": image_id,
-                              "subject": image_id.split(":")[0], "slice": int(image_id[-3:]), "area": AREAS[index],
+                              "subject": image_id.split(".")[0], "slice": 0, "area": AREAS[index],
                               "prompt": prompt, "dice": dice[index], "iou": iou[index], "miou": (iou[index] + 0.98) / 2,
                               "hd95": hd95[index], "hd95_mm": hd95[index] * 0.9})
         if finetune:
@@ -106,7 +119,7 @@ def write_predictions(folder: Path):
         truth = (yy - 16) ** 2 + (xx - 16) ** 2 < 64
         pred = (yy - 16) ** 2 + (xx - 16 - shift) ** 2 < 64
         image = np.stack([(xx * 8).astype(np.uint8)] * 3, axis=-1)
-        np.savez(folder / f"{image_id.replace(':', '_')}.npz", image=image, mask=truth, pred=pred)
+        np.savez(folder / f"{sanitise_image_id(image_id)}.npz", image=image, mask=truth, pred=pred)
 
 
 def write_searched_study(study_dir: Path) -> Path:
@@ -138,6 +151,130 @@ def write_searched_study(study_dir: Path) -> Path:
     return study_dir
 
 
+# --- the current format: volumes, two seeds, per_subject.csv -------------------------------------------
+
+SUBJECT_SLICES = {"V01": 2, "V02": 3, "V03": 4, "V04": 2, "V05": 3, "V06": 4, "V07": 3, "V08": 2}
+SUBJECT_EFFECT = {"V01": -0.06, "V02": 0.03, "V03": 0.05, "V04": -0.02, "V05": 0.01, "V06": 0.04, "V07": -0.04,
+                  "V08": 0.0}
+SEEDS = (0, 1)
+DIAGONAL = float(np.hypot(64, 64))  # the HD95 penalty of a 64 x 64 slice, in pixels
+SPACING_MM = 0.8
+# (backbone, prompt) -> (fine-tuned base Dice, seed offset d: seed 0 gets +d, seed 1 -d, zero-shot base Dice)
+SEEDED_CONFIGURATIONS = {
+    ("sam_b", "box"): (0.84, 0.020, 0.70),
+    ("sam_b", "center_point"): (0.835, 0.015, 0.55),
+    ("litemedsam", "box"): (0.76, 0.025, 0.68),
+    ("litemedsam", "center_point"): (0.755, 0.020, 0.50),
+}
+PENALISED = {("zs", "sam_b", "center_point"): "V03:z010", ("zs", "litemedsam", "center_point"): "V03:z010",
+             ("ft", "litemedsam", "center_point", 1): "V05:z011"}
+
+
+def seeded_images() -> list[tuple[str, str, int]]:
+    """(image_id, subject, slice) of every test slice, subject by subject."""
+    return [(f"{subject}:z{10 + k:03d}", subject, 10 + k) for subject, count in SUBJECT_SLICES.items()
+            for k in range(count)]
+
+
+def _evaluation_rows(rng, trial_id, stage, seed, prompt, base, penalised_image):
+    rows = []
+    for index, (image_id, subject, slice_index) in enumerate(seeded_images()):
+        dice = float(np.clip(base + SUBJECT_EFFECT[subject] + rng.normal(0, 0.015), 0, 1))
+        hd95, penalised, nsd = 3.0 + 20.0 * (1 - dice), 0, float(np.clip(dice + 0.05, 0, 1))
+        if image_id == penalised_image:  # an empty prediction: Dice 0, HD95 the penalty
+            dice, hd95, penalised, nsd = 0.0, DIAGONAL, 1, 0.0
+        iou = float(iou_from_dice(dice))
+        rows.append({"trial_id": trial_id, "stage": stage, "seed": seed, "image_id": image_id, "subject": subject,
+                     "slice": slice_index, "area": 150 + 40 * index, "prompt": prompt, "dice": dice, "iou": iou,
+                     "miou": (iou + 0.98) / 2, "hd95": hd95, "hd95_mm": hd95 * SPACING_MM,
+                     "hd95_penalised": penalised, "nsd": nsd})
+    return rows
+
+
+def _subject_rows(rows: list[dict]) -> list[dict]:
+    """per_subject.csv rows of one evaluation: made-up but deterministic 3D values per subject."""
+    table = pd.DataFrame(rows)
+    out = []
+    for subject, group in table.groupby("subject", sort=False):
+        first = group.iloc[0]
+        hd95_3d = float(group["hd95"].max() * 0.9)
+        out.append({"trial_id": first["trial_id"], "stage": first["stage"], "seed": first["seed"], "subject": subject,
+                    "prompt": first["prompt"], "dice_3d": float(np.average(group["dice"], weights=group["area"])),
+                    "hd95_3d": hd95_3d, "hd95_3d_mm": hd95_3d * SPACING_MM, "hd95_3d_penalised": 0,
+                    "nsd_3d": float(group["nsd"].mean()), "slices": len(group), "voxels": int(group["area"].sum())})
+    return out
+
+
+def write_seeded_study(study_dir: Path) -> Path:
+    """Write the two-seed volume study (see the module docstring) and return its folder."""
+    results = study_dir / "results"
+    results.mkdir(parents=True)
+    write_resolved(study_dir, {
+        "backbone": ["sam_b", "litemedsam"], "optimizer": ["adamw"], "loss": ["dice_bce"],
+        "prompt": ["box", "center_point"], "eval_prompt": "same", "lr": [1e-4], "epochs": [3]},
+        search={"algorithm": "grid", "num_samples": 1, "seeds": len(SEEDS), "metric": "val_dice", "mode": "max"},
+        name="seeded-study",
+        evaluation={"single_point_multimask": True, "nsd_tolerance_mm": 2.0, "hd95_penalty": "diagonal"})
+    rng = np.random.default_rng(42)
+    trials, per_image, per_subject, history = [], [], [], []
+    for (backbone, prompt), (base, offset, zero_shot_base) in SEEDED_CONFIGURATIONS.items():
+        family, params = BACKBONES[backbone]
+        runs = [("finetune", f"ft_{backbone}_{prompt}_s{seed}", seed, base + (offset if seed == 0 else -offset))
+                for seed in SEEDS]
+        runs.append(("zero_shot", f"zs-{backbone}-{prompt}", None, zero_shot_base))
+        for stage, trial_id, seed, mean in runs:
+            finetune = stage == "finetune"
+            key = ("ft", backbone, prompt, seed) if finetune else ("zs", backbone, prompt)
+            rows = _evaluation_rows(rng, trial_id, stage, seed, prompt, mean, PENALISED.get(key))
+            per_image += rows
+            per_subject += _subject_rows(rows)
+            table = pd.DataFrame(rows)
+            val_dice = mean + 0.02 if finetune else mean - 0.02
+            trials.append({
+                "trial_id": trial_id, "stage": stage, "status": "TERMINATED", "backbone": backbone, "family": family,
+                "image_encoder_params": params, "optimizer": "adamw" if finetune else None,
+                "loss": "dice_bce" if finetune else None, "prompt": prompt, "eval_prompt": prompt,
+                "lr": 1e-4 if finetune else None, "epochs": 3 if finetune else None, "seed": seed,
+                "epochs_run": 3 if finetune else 0, "val_dice": val_dice, "test_dice": table["dice"].mean(),
+                "test_iou": table["iou"].mean(), "test_miou": table["miou"].mean(), "test_hd95": table["hd95"].mean(),
+                "test_nsd": table["nsd"].mean(), "test_hd95_penalised": int(table["hd95_penalised"].sum()),
+                "test_subjects": table["subject"].nunique(), "seconds": 12.0})
+            if finetune:
+                history += [{"trial_id": trial_id, "epoch": epoch, "train_loss": 0.6 / epoch, "val_loss": 0.5 / epoch,
+                             "val_dice": val_dice - 0.05 * (3 - epoch), "val_iou": val_dice - 0.1, "seconds": 4.0}
+                            for epoch in (1, 2, 3)]
+    pd.DataFrame(trials).to_csv(results / "trials.csv", index=False)
+    pd.DataFrame(per_image).to_csv(results / "per_image.csv", index=False)
+    pd.DataFrame(per_subject).to_csv(results / "per_subject.csv", index=False)
+    pd.DataFrame(history).to_csv(results / "history.csv", index=False)
+    return study_dir
+
+
+@pytest.fixture(scope="session")
+def seeded_study_dir(tmp_path_factory) -> Path:
+    return write_seeded_study(tmp_path_factory.mktemp("seeded") / "seeded-study")
+
+
+@pytest.fixture(scope="session")
+def seeded_report(seeded_study_dir) -> Path:
+    """The seeded study's report, built once by the command-line entry point; returns report/."""
+    from analysis.report import main
+
+    assert main([str(seeded_study_dir)]) == 0
+    return seeded_study_dir / "report"
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One SQLite MLflow store for the session, its schema created once (that takes seconds); each
+    test logs to an experiment of its own."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()
+    return uri
+
+
 @pytest.fixture(scope="session")
 def study_dir(tmp_path_factory) -> Path:
     return write_study(tmp_path_factory.mktemp("fixture") / "fixture-study")
@@ -164,3 +301,92 @@ def reference_bootstrap(values, seed: int = 0, resamples: int = 2000, confidence
         means.append(sum(sample) / len(sample))
     tail = 100 * (1 - confidence) / 2
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def log_to_mlflow(study_dir, tracking_uri, artifacts, experiment: str = "fixture-study"):
+    """Log a fixture study the way the study runner does: one parent run, one nested run per trial
+    (params incl. the replicate `seed`, metrics, per_image.csv and, when present, per_subject.csv)."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment(experiment, artifact_location=artifacts.as_uri())
+    parent = client.create_run(experiment_id, tags={"sam_study.role": "parent"}, run_name=experiment)
+    trials = pd.read_csv(study_dir / "results" / "trials.csv")
+    per_image = pd.read_csv(study_dir / "results" / "per_image.csv")
+    history = pd.read_csv(study_dir / "results" / "history.csv")
+    per_subject_path = study_dir / "results" / "per_subject.csv"
+    per_subject = pd.read_csv(per_subject_path) if per_subject_path.is_file() else None
+    scratch = artifacts.parent / "scratch"
+    for _, trial in trials.iterrows():
+        run = client.create_run(experiment_id, tags={
+            "mlflow.parentRunId": parent.info.run_id, "sam_study.role": "trial", "sam_study.stage": trial["stage"],
+            "sam_study.trial_id": trial["trial_id"], "sam_study.status": trial["status"]})
+        run_id = run.info.run_id
+        params = [Param(name, str(trial[name])) for name in (
+            "backbone", "optimizer", "loss", "prompt", "eval_prompt", "lr", "weight_decay", "epochs", "batch_size",
+            "grad_accum", "family", "image_encoder_params", "seed") if name in trial and pd.notna(trial[name])]
+        metrics = [Metric(name, epoch[name], 0, int(epoch["epoch"]))
+                   for _, epoch in history[history["trial_id"] == trial["trial_id"]].iterrows()
+                   for name in ("val_dice", "val_iou", "train_loss", "val_loss")]
+        metrics += [Metric(name, trial[name], 0, 0) for name in
+                    ("test_dice", "test_iou", "test_miou", "test_hd95", "epochs_run", "seconds") if pd.notna(trial[name])]
+        params = [Param(p.key, str(int(float(p.value)))) if p.key == "seed" else p for p in params]
+        if trial["stage"] == "zero_shot":
+            metrics.append(Metric("val_dice", trial["val_dice"], 0, 0))
+        client.log_batch(run_id, metrics=metrics, params=params)
+        rows = per_image[per_image["trial_id"] == trial["trial_id"]]
+        if len(rows):
+            folder = scratch / trial["trial_id"]
+            folder.mkdir(parents=True)
+            rows.to_csv(folder / "per_image.csv", index=False)
+            client.log_artifact(run_id, str(folder / "per_image.csv"))
+            if per_subject is not None:
+                per_subject[per_subject["trial_id"] == trial["trial_id"]].to_csv(folder / "per_subject.csv", index=False)
+                client.log_artifact(run_id, str(folder / "per_subject.csv"))
+        client.set_terminated(run_id)
+    return client, experiment_id, parent.info.run_id
+
+
+# (target, backbone) -> (fine-tuned base Dice, val Dice, zero-shot base Dice); the best backbone differs by target
+REGION_CONFIGURATIONS = {
+    ("whole_tumor", "sam_b"): (0.86, 0.88, 0.70), ("whole_tumor", "litemedsam"): (0.80, 0.82, 0.66),
+    ("tumor_core", "sam_b"): (0.70, 0.71, 0.50), ("tumor_core", "litemedsam"): (0.74, 0.76, 0.55),
+}
+
+
+def write_region_study(study_dir: Path) -> Path:
+    """A study of two targets (`data.target: [whole_tumor, tumor_core]`): backbone x target, one seed,
+    box prompt, volumes with per_subject.csv, and a zero-shot evaluation per backbone and target."""
+    results = study_dir / "results"
+    results.mkdir(parents=True)
+    write_resolved(study_dir, {"backbone": ["sam_b", "litemedsam"], "optimizer": ["adamw"], "prompt": ["box"],
+                               "eval_prompt": "same", "lr": [1e-4], "epochs": [3]}, name="region-study")
+    resolved = yaml.safe_load((study_dir / "resolved.yaml").read_text())
+    resolved["data"] = {"reader": "msd_brain", "target": ["whole_tumor", "tumor_core"]}
+    (study_dir / "resolved.yaml").write_text("# resolved by study.config\n" + yaml.safe_dump(resolved, sort_keys=False))
+    rng = np.random.default_rng(7)
+    trials, per_image, per_subject = [], [], []
+    for (target, backbone), (base, val_dice, zero_shot_base) in REGION_CONFIGURATIONS.items():
+        family, params = BACKBONES[backbone]
+        for stage, trial_id, mean in (("finetune", f"{backbone}-{target}-ft", base),
+                                      ("zero_shot", f"zs-{backbone}-box-{target}", zero_shot_base)):
+            finetune = stage == "finetune"
+            rows = _evaluation_rows(rng, trial_id, stage, 0 if finetune else None, "box", mean, None)
+            per_image += rows
+            per_subject += _subject_rows(rows)
+            table = pd.DataFrame(rows)
+            trials.append({
+                "trial_id": trial_id, "stage": stage, "status": "TERMINATED", "family": family,
+                "image_encoder_params": params, "target": target, "backbone": backbone,
+                "optimizer": "adamw" if finetune else None, "prompt": "box", "lr": 1e-4 if finetune else None,
+                "epochs": 3 if finetune else None, "seed": 0 if finetune else None,
+                "eval_prompt": None if finetune else "box", "epochs_run": 3 if finetune else 0,
+                "val_dice": val_dice if finetune else mean, "test_dice": table["dice"].mean(),
+                "test_iou": table["iou"].mean(), "test_miou": table["miou"].mean(), "test_hd95": table["hd95"].mean(),
+                "test_nsd": table["nsd"].mean(), "test_hd95_penalised": 0,
+                "test_subjects": table["subject"].nunique(), "seconds": 10.0})
+    pd.DataFrame(trials).to_csv(results / "trials.csv", index=False)
+    pd.DataFrame(per_image).to_csv(results / "per_image.csv", index=False)
+    pd.DataFrame(per_subject).to_csv(results / "per_subject.csv", index=False)
+    return study_dir

@@ -16,8 +16,8 @@ from analysis.overlays import FALSE_NEGATIVE, FALSE_POSITIVE, TRUE_POSITIVE, TRU
 from analysis.report import main
 from analysis.results import load_from_mlflow, load_study
 from analysis.statistics import factor_tests, holm, marginal_means, summary_table, zero_shot_change
-from tests.analysis.conftest import (EVALUATIONS, FAILED_TRIAL, IMAGES, iou_from_dice, reference_bootstrap,
-                                     write_searched_study)
+from tests.analysis.conftest import (EVALUATIONS, FAILED_TRIAL, IMAGES, iou_from_dice, log_to_mlflow,
+                                     reference_bootstrap, write_searched_study)
 
 FIGURES = ["ablation_backbone", "ablation_prompt", "interaction_backbone_prompt", "model_size", "box_dice",
            "box_hd95", "dice_vs_area", "learning_curves", "overlays_best_config"]
@@ -65,7 +65,7 @@ def test_summary_csv_and_markdown_carry_the_same_numbers(built_report, results):
     assert written.loc["ft_lite_point", "dice_high"] == pytest.approx(high, abs=1e-12)
     markdown = (built_report / "report.md").read_text(encoding="utf-8")
     mean = dice_of("ft_lite_point").mean()
-    assert f"| litemedsam · center_point | finetune | TERMINATED | 8 | {mean:.3f} [{low:.3f}, {high:.3f}]" in markdown
+    assert f"| litemedsam · center_point | finetune | TERMINATED | 1 | 8 | {mean:.3f} [{low:.3f}, {high:.3f}]" in markdown
     assert FAILED_TRIAL in markdown                             # listed among trials without results
 
 
@@ -184,49 +184,11 @@ def test_searched_study_reports_fanova_importance(tmp_path):
     assert "lr searched" in (study / "report" / "report.md").read_text(encoding="utf-8")
 
 
-def _log_to_mlflow(study_dir, tracking_uri, artifacts):
-    """Log the fixture study the way the study runner does: one parent run, one nested run per trial."""
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    experiment_id = client.create_experiment("fixture-study", artifact_location=artifacts.as_uri())
-    parent = client.create_run(experiment_id, tags={"sam_study.role": "parent"}, run_name="fixture-study")
-    trials = pd.read_csv(study_dir / "results" / "trials.csv")
-    per_image = pd.read_csv(study_dir / "results" / "per_image.csv")
-    history = pd.read_csv(study_dir / "results" / "history.csv")
-    scratch = artifacts.parent / "scratch"
-    for _, trial in trials.iterrows():
-        run = client.create_run(experiment_id, tags={
-            "mlflow.parentRunId": parent.info.run_id, "sam_study.role": "trial", "sam_study.stage": trial["stage"],
-            "sam_study.trial_id": trial["trial_id"], "sam_study.status": trial["status"]})
-        run_id = run.info.run_id
-        params = [Param(name, str(trial[name])) for name in (
-            "backbone", "optimizer", "loss", "prompt", "eval_prompt", "lr", "weight_decay", "epochs", "batch_size",
-            "grad_accum", "family", "image_encoder_params") if pd.notna(trial[name])]
-        metrics = [Metric(name, epoch[name], 0, int(epoch["epoch"]))
-                   for _, epoch in history[history["trial_id"] == trial["trial_id"]].iterrows()
-                   for name in ("val_dice", "val_iou", "train_loss", "val_loss")]
-        metrics += [Metric(name, trial[name], 0, 0) for name in
-                    ("test_dice", "test_iou", "test_miou", "test_hd95", "epochs_run", "seconds") if pd.notna(trial[name])]
-        if trial["stage"] == "zero_shot":
-            metrics.append(Metric("val_dice", trial["val_dice"], 0, 0))
-        client.log_batch(run_id, metrics=metrics, params=params)
-        rows = per_image[per_image["trial_id"] == trial["trial_id"]]
-        if len(rows):
-            folder = scratch / trial["trial_id"]
-            folder.mkdir(parents=True)
-            rows.to_csv(folder / "per_image.csv", index=False)
-            client.log_artifact(run_id, str(folder / "per_image.csv"))
-        client.set_terminated(run_id)
-    return client, experiment_id, parent.info.run_id
-
-
-def test_mlflow_reading_equals_the_study_folder_and_the_report_is_logged(study_dir, tmp_path):
+def test_mlflow_reading_equals_the_study_folder_and_the_report_is_logged(study_dir, tmp_path, mlflow_uri):
     study = tmp_path / "tracked"
     shutil.copytree(study_dir, study, ignore=shutil.ignore_patterns("report"))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client, experiment_id, parent_id = _log_to_mlflow(study, uri, tmp_path / "mlartifacts")
+    uri = mlflow_uri
+    client, experiment_id, parent_id = log_to_mlflow(study, uri, tmp_path / "mlartifacts")
 
     from_folder, from_mlflow = load_study(study), load_from_mlflow(uri, "fixture-study")
     assert from_mlflow.name == "fixture-study"

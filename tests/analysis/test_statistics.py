@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from analysis.statistics import bootstrap_mean_ci, format_p, holm, paired_wilcoxon, rank_biserial
+from analysis.statistics import (bootstrap_mean_ci, difference_noise_sd, format_p, holm, paired_wilcoxon,
+                                 pooled_seed_sd, rank_biserial, seed_sd, within_noise)
 from tests.analysis.conftest import reference_bootstrap
 
 
@@ -22,14 +23,14 @@ def test_bootstrap_ci_equals_a_direct_numpy_percentile_bootstrap():
     assert ci.low < ci.mean < ci.high
 
 
-def test_bootstrap_ci_agrees_with_scipy_percentile_bootstrap():
-    """scipy resamples differently, so the bounds agree to Monte-Carlo error, not exactly."""
+def test_bootstrap_ci_is_scipys_percentile_bootstrap():
+    """bootstrap_mean_ci is scipy.stats.bootstrap (percentile) with the same seeded generator."""
     values = np.random.default_rng(3).normal(0.7, 0.1, size=60)
     ci = bootstrap_mean_ci(values, seed=0)
     reference = stats.bootstrap((values,), np.mean, n_resamples=2000, method="percentile",
                                 confidence_level=0.95, rng=np.random.default_rng(0)).confidence_interval
-    assert ci.low == pytest.approx(reference.low, abs=0.006)
-    assert ci.high == pytest.approx(reference.high, abs=0.006)
+    assert ci.low == pytest.approx(reference.low, abs=1e-12)
+    assert ci.high == pytest.approx(reference.high, abs=1e-12)
 
 
 def test_bootstrap_leaves_out_and_counts_undefined_values():
@@ -122,3 +123,33 @@ def test_floating_point_noise_counts_as_no_difference():
     for first, second in ((a, b), (c, d)):
         test = paired_wilcoxon(first, second)
         assert test.n_nonzero == 0 and math.isnan(test.p)
+
+
+def test_seed_sd_and_its_pooled_value_by_hand():
+    # subjects x seeds; seed means 0.6, 0.7 -> SD sqrt(0.005)
+    first = np.array([[0.5, 0.6], [0.7, 0.8]])
+    assert seed_sd(first) == pytest.approx(np.sqrt(0.005))
+    # seed means 0.5, 0.6, 0.85 -> variance 0.0325
+    second = np.array([[0.4, 0.5, 0.8], [0.6, 0.7, 0.9]])
+    assert seed_sd(second) == pytest.approx(np.sqrt(0.0325))
+    sd, df = pooled_seed_sd([first, second, np.array([[0.3], [0.4]])])  # one seed: no information, left out
+    assert df == 1 + 2
+    assert sd == pytest.approx(np.sqrt((1 * 0.005 + 2 * 0.0325) / 3))
+    assert math.isnan(seed_sd(np.array([[0.5], [0.6]])))
+    no_sd, no_df = pooled_seed_sd([np.ones((3, 1))])
+    assert math.isnan(no_sd) and no_df == 0
+    # a subject missing in one seed is left out of every seed's mean
+    holed = np.array([[0.5, 0.6], [0.7, np.nan], [0.9, 1.0]])
+    assert seed_sd(holed) == pytest.approx(np.std([0.7, 0.8], ddof=1))
+
+
+def test_noise_sd_of_a_difference_and_the_within_noise_rule():
+    # one configuration of 2 seeds a side: sqrt(2 / 2) x sd
+    assert difference_noise_sd(0.03, [2], [2]) == pytest.approx(0.03)
+    # 3 seeds a side: sqrt(2 / 3) x sd
+    assert difference_noise_sd(0.03, [3], [3]) == pytest.approx(0.03 * np.sqrt(2 / 3))
+    # two configurations of 2 seeds vs one of 4: v_a = (1/2) / 2, v_b = 1/4
+    assert difference_noise_sd(0.03, [2, 2], [4]) == pytest.approx(0.03 * np.sqrt(0.25 + 0.25))
+    assert math.isnan(difference_noise_sd(float("nan"), [1], [1]))
+    assert within_noise(0.05, 0.03) is True and within_noise(0.07, 0.03) is False
+    assert within_noise(-0.07, 0.03) is False and within_noise(0.01, float("nan")) is None

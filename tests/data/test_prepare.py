@@ -18,7 +18,8 @@ from PIL import Image
 import study.data.prepare as prepare_module
 from study.config import StudyConfig
 from study.data.intensity import percentile_clip
-from study.data.prepare import SliceRecord, open_prepared, plan_dataset, prepare_dataset, publish_store
+from study.data.prepare import (SliceRecord, image_digest, open_prepared, plan_dataset, plan_targets, prepare_dataset,
+                                publish_store)
 from study.data.readers import READERS
 from study.data.regions import MSD_BRAIN_LABELS
 from study.data.splits import split_subjects
@@ -146,6 +147,7 @@ def test_records_match_the_data(tmp_path):
         image, mask = dataset.load(record)
         assert image.dtype == np.uint8 and image.shape == (SIDE, SIDE, 3) and mask.dtype == bool
         assert record.area == int(mask.sum())
+        assert record.image_sha256 == image_digest(image)  # the embedding cache's content address
         if record.view == 0:
             data = np.load(root / f"{record.subject}.npz")
             assert (mask == (data["labels"][record.slice_index] == 1)).all()
@@ -163,7 +165,7 @@ def test_records_match_the_data(tmp_path):
     index = json.loads((dataset.root / "index.json").read_text())
     assert index["key"] == dataset.key and index["settings"]["augment"]["views"] == 2
     assert index["plan"]["slices"] == {"train": 8, "val": 2, "test": 3}
-    assert index["format"] == prepare_module.STORE_FORMAT == 2
+    assert index["format"] == prepare_module.STORE_FORMAT == 3
     assert all(r["slice_spacing"] == 3.0 for r in index["records"])  # stored, and read back above
     reopened = open_prepared(dataset.root)
     assert reopened.records == dataset.records and reopened.reused
@@ -562,3 +564,30 @@ def test_without_a_limit_every_test_subject_keeps_all_its_target_slices(phantom_
     test = [e for e in entries if split_of[e.subject] == "test"]
     assert plan.subjects["test"] == len(test) == 2
     assert plan.slices["test"] == sum(len(_target_slices(e.extra["label"], config.data.target)) for e in test)
+
+
+def test_two_targets_have_their_own_stores_the_same_split_and_the_same_images(two_target_datasets, phantom_dataset):
+    """One store per target; every subject in the same split in both; a slice (and each augmented
+    view of it) both stores keep is the same image, with the same content hash."""
+    config, stores = two_target_datasets
+    whole, core = stores["whole_tumor"], stores["tumor_core"]
+    assert whole.key == phantom_dataset[1].key and core.key != whole.key
+    assert (whole.settings["target"], core.settings["target"]) == ("whole_tumor", "tumor_core")
+    entries = {e.subject: e for e in READERS["phantom"]().index(config.data.root)}
+    split_of = split_subjects(list(entries.values()), config.data.split.val, config.data.split.test, config.study.seed)
+    for target, store in stores.items():
+        assert all(r.split == split_of[r.subject] for r in store.records)
+        test = store.records_for("test")
+        for subject in {r.subject for r in test}:  # every slice with this target, whole subjects
+            kept = sorted(r.slice_index for r in test if r.subject == subject)
+            assert kept == _target_slices(entries[subject].extra["label"], target), (target, subject)
+    by_key = {(r.image_id, r.view): r for r in whole.records}
+    shared = [(r, by_key[(r.image_id, r.view)]) for r in core.records if (r.image_id, r.view) in by_key]
+    assert any(r.view > 0 for r, _ in shared) and any(r.split == "test" for r, _ in shared)
+    for mine, theirs in shared:
+        assert mine.image_sha256 == theirs.image_sha256
+        assert np.array_equal(core.load(mine)[0], whole.load(theirs)[0])
+    assert any(mine.area != theirs.area for mine, theirs in shared)  # the masks differ by target, not the images
+    plans, unique = plan_targets(config, progress=False)
+    assert [p.target for p in plans] == ["whole_tumor", "tumor_core"] and all(p.prepared for p in plans)
+    assert unique == len({r.image_sha256 for r in whole.records + core.records})
