@@ -271,7 +271,9 @@ def _protocol_bullets(ctx: ReportContext) -> list[str]:
     if multimask is True:
         bullets.append("A single-point prompt is ambiguous, so it is evaluated by asking the model for 3 masks and "
                        "keeping the one with the highest predicted IoU (evaluation.single_point_multimask: true), as "
-                       "the official SamPredictor and micro-sam do.")
+                       "the official SamPredictor and micro-sam do, zero-shot and fine-tuned; fine-tuning with such a "
+                       "prompt trains the same three masks (the lowest-loss one per image, the IoU head on all "
+                       "three), so the masks evaluated are the ones trained.")
     elif multimask is False:
         bullets.append("Single-point prompts are evaluated with the single-mask output "
                        "(evaluation.single_point_multimask: false).")

@@ -77,9 +77,11 @@ def run_study(config: StudyConfig, plan_text: str, *, fresh: bool = False, addre
               num_cpus: int | None = None) -> StudyOutcome:
     from study import ray_tune  # Ray is imported only when a study really runs
 
-    study_dir = _claim_study_dir(config, fresh)
+    # Checkpoints resolve before the study folder is claimed: a missing file then leaves no
+    # resolved.yaml behind, so fixing weights.dir is not refused as "a different config".
     weights = {name: str(resolve_weights(name, config.weights.dir, config.weights.files))
                for name in config.factors.backbone}
+    study_dir = _claim_study_dir(config, fresh)
     targets = config.data.targets()
     datasets = [prepare_dataset(config, target=target) for target in targets]
     for target, dataset in zip(targets, datasets):

@@ -173,3 +173,13 @@ def test_the_runner_pieces_route_each_target_to_its_store_and_encode_shared_imag
     assert list(table.columns[4:6]) == ["image_encoder_params", "target"] and set(table["target"]) == {"tumor_core"}
     assert json.loads((tmp_path / "results" / "trials" / record["trial_id"] / "result.json").read_text())["params"][
         "target"] == "tumor_core"
+
+
+def test_a_missing_checkpoint_does_not_claim_the_study_folder(phantom_root, tmp_path, capsys):
+    """The weights resolve before resolved.yaml is written, so pointing weights.dir at the right
+    folder afterwards is the same study, not "a different config"."""
+    path = example_pointed_at(phantom_root, tmp_path, factors={"backbone": "sam_b"}, study={"name": "claim"})
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "sam_vit_b_01ec64.pth" in err and str(tmp_path / "weights") in err
+    assert not (tmp_path / "runs" / "claim" / "resolved.yaml").exists()
