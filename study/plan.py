@@ -84,7 +84,7 @@ def format_plan(plan: StudyPlan) -> str:
         f"Trials: {_count(plan.configurations, 'configuration')} x {_count(seeds, 'seed')} = "
         f"{_count(plan.trials, 'trial')} ({search.algorithm} search{draws}, scheduler {cfg.scheduler.kind}, "
         f"metric {search.metric} {search.mode})",
-        f"  seeds: every configuration trained with training seed "
+        "  seeds: every configuration trained with training seed "
         + ("0" if seeds == 1 else f"0..{seeds - 1}, each its own trial"),
     ]
     for name, counts in plan.per_level.items():
@@ -101,7 +101,7 @@ def format_plan(plan: StudyPlan) -> str:
         lines.append(data.describe())
     evaluation = cfg.evaluation
     lines.append(
-        f"Evaluation: single-point prompts "
+        "Evaluation: single-point prompts "
         + ("multimask (3 masks, the best predicted IoU kept)" if evaluation.single_point_multimask
            else "single mask")
         + f"; NSD at {evaluation.nsd_tolerance_mm:g} mm (pixels without spacing); HD95 with exactly one "

@@ -25,10 +25,13 @@ def _spec(**overrides) -> TrialSpec:
     return TrialSpec(**{**values, **overrides})
 
 
-def _features(backbone, dataset, cache_root, records):
-    cache = decoder.EmbeddingCache.for_backbone(cache_root, backbone, dataset.key)
-    cache.ensure(backbone, dataset, records, progress=False)
-    return cache.load_batch(records)
+def _fine_tune(spec: TrialSpec, phantom_dataset, **kwargs) -> DecoderFineTune:
+    """The trial's fine-tune object on the fixture, its training images' embeddings cached."""
+    config, dataset = phantom_dataset
+    backbone = decoder.resident_backbone(spec)
+    cache = decoder.EmbeddingCache.for_backbone(config.cache_dir, backbone, dataset.key)
+    cache.ensure(backbone, dataset, dataset.records_for("train", views=True), progress=False)
+    return DecoderFineTune(spec, dataset, backbone, decoder.MappedEmbeddings(cache), **kwargs)
 
 
 def test_single_point_evaluation_keeps_the_mask_sam_predictor_ranks_first(phantom_dataset):
@@ -129,12 +132,9 @@ def test_lowest_loss_backpropagates_only_the_best_mask_of_each_image():
 
 
 def test_best_iou_training_takes_three_masks_and_regresses_the_iou_head_on_all(phantom_dataset, monkeypatch):
-    config, dataset = phantom_dataset
+    _, dataset = phantom_dataset
     spec = _spec(trial_id="multimask", multimask="best_iou", prompt="box", iou_loss_weight=1.0)
-    backbone = decoder.resident_backbone(spec)
-    cache = decoder.EmbeddingCache.for_backbone(config.cache_dir, backbone, dataset.key)
-    cache.ensure(backbone, dataset, dataset.records_for("train", views=True), progress=False)
-    fine_tune = DecoderFineTune(spec, dataset, backbone, decoder.MappedEmbeddings(cache))
+    fine_tune = _fine_tune(spec, phantom_dataset)
     seen = []
     original = decoder.iou_head_loss
     monkeypatch.setattr(decoder, "iou_head_loss", lambda p, l, t: seen.append(l.shape[1]) or original(p, l, t))
@@ -150,14 +150,10 @@ def test_best_iou_training_takes_three_masks_and_regresses_the_iou_head_on_all(p
 
 def test_replicate_seeds_change_the_data_order_and_only_it(phantom_dataset):
     """Training randomness depends on (study seed, train_seed, epoch), not on the other factors."""
-    config, dataset = phantom_dataset
     orders = {}
     for name, overrides in {"s0": {}, "s1": {"train_seed": 1}, "s0-lr": {"lr": 1e-3}}.items():
         spec = _spec(trial_id=f"order-{name}", **overrides)
-        backbone = decoder.resident_backbone(spec)
-        cache = decoder.EmbeddingCache.for_backbone(config.cache_dir, backbone, dataset.key)
-        cache.ensure(backbone, dataset, dataset.records_for("train", views=True), progress=False)
-        fine_tune = DecoderFineTune(spec, dataset, backbone, decoder.MappedEmbeddings(cache))
+        fine_tune = _fine_tune(spec, phantom_dataset)
         used = []
         real_batches = fine_tune.batches
 
@@ -174,17 +170,14 @@ def test_replicate_seeds_change_the_data_order_and_only_it(phantom_dataset):
 
 def test_file_prompts_train_on_original_views_only(phantom_dataset, tmp_path):
     """External prompts are in the original image's pixels: augmented views would get wrong boxes."""
-    config, dataset = phantom_dataset
+    _, dataset = phantom_dataset
     assert any(r.view > 0 for r in dataset.records_for("train", views=True))  # the fixture has views
     lines = ["image_id,x0,y0,x1,y1"] + [f"{r.image_id},10,10,60,60" for r in dataset.records_for("train")]
     (tmp_path / "boxes.csv").write_text("\n".join(lines) + "\n")
     views = {}
     for prompt in ("file", "box"):
         spec = _spec(trial_id=f"views-{prompt}", prompt=prompt, prompts_file=str(tmp_path / "boxes.csv"))
-        backbone = decoder.resident_backbone(spec)
-        cache = decoder.EmbeddingCache.for_backbone(config.cache_dir, backbone, dataset.key)
-        cache.ensure(backbone, dataset, dataset.records_for("train", views=True), progress=False)
-        fine_tune = DecoderFineTune(spec, dataset, backbone, decoder.MappedEmbeddings(cache))
+        fine_tune = _fine_tune(spec, phantom_dataset)
         used = []
         real_forward = fine_tune.forward
         fine_tune.forward = lambda batch, p, e, _used=used: _used.extend(r.view for r in batch) or real_forward(batch, p, e)
