@@ -13,7 +13,11 @@ target's store, and the embedding cache is keyed by image content).
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +85,42 @@ def run_study(config: StudyConfig, plan_text: str, *, fresh: bool = False, addre
     # resolved.yaml behind, so fixing weights.dir is not refused as "a different config".
     weights = {name: str(resolve_weights(name, config.weights.dir, config.weights.files))
                for name in config.factors.backbone}
+    with study_lock(config.study_dir):
+        return _run_locked(ray_tune, config, plan_text, weights, fresh=fresh, address=address, num_cpus=num_cpus)
+
+
+@contextmanager
+def study_lock(study_dir: Path):
+    """Hold `<out>/.<name>.lock` (an exclusive flock) while a driver runs the study in `study_dir`.
+
+    A second driver on the same study folder stops at once with a UserError instead of
+    interleaving its trials, MLflow runs and tables with the first. The lock lives beside the
+    folder, not in it, so that `--fresh` (which moves the folder aside) keeps holding it; the
+    kernel releases it when the driver exits, also after a kill -9.
+    """
+    study_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = study_dir.parent / f".{study_dir.name}.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{study_dir} is being run by another driver ({holder}; lock file {path}). Two drivers "
+                            f"on one study would interleave its trials and tables: wait for it to finish, stop it, "
+                            f"or give this study another study.name.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_locked(ray_tune, config: StudyConfig, plan_text: str, weights: dict, *, fresh: bool, address: str | None,
+                num_cpus: int | None) -> StudyOutcome:
     study_dir = _claim_study_dir(config, fresh)
     targets = config.data.targets()
     datasets = [prepare_dataset(config, target=target) for target in targets]

@@ -1,5 +1,6 @@
 """`python -m study.run`: the dry-run plan and errors without a traceback."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +184,17 @@ def test_a_missing_checkpoint_does_not_claim_the_study_folder(phantom_root, tmp_
     err = capsys.readouterr().err
     assert "sam_vit_b_01ec64.pth" in err and str(tmp_path / "weights") in err
     assert not (tmp_path / "runs" / "claim" / "resolved.yaml").exists()
+
+
+def test_a_second_driver_on_a_running_study_stops_with_a_clear_error(phantom_root, tmp_path, capsys):
+    from study.runner import study_lock
+
+    path = example_pointed_at(phantom_root, tmp_path, factors={"backbone": "litemedsam"}, study={"name": "locked"})
+    study_dir = tmp_path / "runs" / "locked"
+    with study_lock(study_dir):  # the first driver, still running
+        assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "is being run by another driver" in err and f"pid {os.getpid()}" in err and "Traceback" not in err
+    assert not (study_dir / "resolved.yaml").exists()  # the second driver touched nothing
+    with study_lock(study_dir):  # released by the first: it can be taken again
+        pass
