@@ -21,26 +21,15 @@ class StudyPlan:
     configurations: int  # grid cells, times the draws per cell for random and optuna
     trials: int  # configurations x search.seeds
     per_level: dict
-    data: DatasetPlan  # the first (or only) target's store
+    datasets: list[DatasetPlan]  # one per target, in data.target's order
+    #: Images each backbone encodes: every training view plus the val and test slices, each
+    #: distinct image once over all targets' stores (a slice two targets keep is one image).
+    encode_images: int
     weights: list[dict]
-    datasets: list[DatasetPlan] = None  # one per target, in data.target's order
-    unique_images: int | None = None  # distinct images over every target's store
-
-    def __post_init__(self):
-        if self.datasets is None:
-            self.datasets = [self.data]
-        if self.unique_images is None:
-            self.unique_images = sum(self.data.images.values())
 
     @property
     def targets(self) -> list[str]:
         return [d.target for d in self.datasets]
-
-    @property
-    def encode_images(self) -> int:
-        """Images each backbone encodes: every training view plus the val and test slices, each
-        distinct image once over all targets' stores (a slice two targets keep is one image)."""
-        return self.unique_images
 
     @property
     def zero_shot_evaluations(self) -> int:
@@ -63,10 +52,9 @@ def build_plan(config: StudyConfig) -> StudyPlan:
         configurations=count_configurations(config),
         trials=count_trials(config),
         per_level=trials_per_level(config),
-        data=datasets[0],
-        weights=weights,
         datasets=datasets,
-        unique_images=unique_images,
+        encode_images=unique_images,
+        weights=weights,
     )
 
 

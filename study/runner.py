@@ -129,8 +129,8 @@ def _run_locked(ray_tune, config: StudyConfig, plan_text: str, weights: dict, *,
         print(f"Prepared slices{label}: {dataset.root} ({'reused' if dataset.reused else 'written'})", flush=True)
     roots = [str(Path(dataset.root).resolve()) for dataset in datasets]
     context = stages.StudyContext(
-        study_dir=str(study_dir.resolve()), prepared_root=roots[0],
-        prepared_roots=dict(zip(targets, roots)) if config.data.multi_target else {},
+        study_dir=str(study_dir.resolve()),
+        prepared_roots={(target if config.data.multi_target else None): root for target, root in zip(targets, roots)},
         cache_root=str(config.cache_dir.resolve()), weights=weights, seed=config.study.seed,
         eval_prompt=config.factors.eval_prompt,
         prompt_settings={k: v for k, v in config.prompts.model_dump().items() if k != "file"},

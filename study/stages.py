@@ -31,13 +31,13 @@ HISTORY_COLUMNS = ["trial_id", "epoch", "train_loss", "val_loss", "val_dice", "v
 class StudyContext:
     """What every worker needs besides a trial's own parameters; plain values, picklable.
 
-    `prepared_root` is the prepared store of a one-target study; with several targets
-    (`data.target` a list), `prepared_roots` maps each target to its store and a trial opens the
-    store of its `target` param (`prepared_for`).
+    `prepared_roots` maps a trial's `target` param to the prepared store it reads: one entry,
+    under None, in a one-target study (whose trials have no `target` param); one per target
+    when `data.target` is a list (`prepared_for`).
     """
 
     study_dir: str
-    prepared_root: str
+    prepared_roots: dict  # target (None with one target) -> prepared store
     cache_root: str
     weights: dict  # backbone -> checkpoint path or "random"
     seed: int
@@ -48,15 +48,12 @@ class StudyContext:
     select_mode: str = "max"
     single_point_multimask: bool = True
     nsd_tolerance: float = 2.0
-    prepared_roots: dict = field(default_factory=dict)  # target -> store, with several targets
 
     def trial_dir(self, name: str) -> Path:
         return Path(self.study_dir) / "results" / "trials" / name
 
     def prepared_for(self, target: str | None) -> str:
         """The prepared store a trial of `target` reads (None: a one-target study's store)."""
-        if target is None:
-            return self.prepared_root
         if target not in self.prepared_roots:
             raise KeyError(f"no prepared store for target {target!r}; the study has {sorted(self.prepared_roots)}")
         return self.prepared_roots[target]

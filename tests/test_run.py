@@ -147,7 +147,7 @@ def test_the_runner_pieces_route_each_target_to_its_store_and_encode_shared_imag
     assert [t["target"] for t in trials] == ["whole_tumor", "tumor_core"]
     assert trial_id(trials[0]) != trial_id(trials[1])
 
-    context = stages.StudyContext(study_dir=str(tmp_path), prepared_root=str(datasets[0].root), cache_root=str(tmp_path),
+    context = stages.StudyContext(study_dir=str(tmp_path), cache_root=str(tmp_path),
                                   weights={"litemedsam": "random"}, seed=0, eval_prompt="same",
                                   prepared_roots={"whole_tumor": str(datasets[0].root),
                                                   "tumor_core": str(datasets[1].root)})

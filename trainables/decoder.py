@@ -543,9 +543,10 @@ class DecoderFineTune:
         """One pass over the training images (one view each); the mean training loss per image."""
         spec = self.spec
         rng = _rng(spec.seed, "train", spec.train_seed, "epoch", epoch)
-        original_only = spec.prompt == "file"  # external prompts fit the original views only
-        chosen = [views[0] if original_only else views[pick]
-                  for views, pick in ((v, rng.integers(len(v))) for v in self.views.values())]
+        picks = [int(rng.integers(len(views))) for views in self.views.values()]
+        if spec.prompt == "file":  # external prompts fit the original views only
+            picks = [0] * len(picks)
+        chosen = [views[pick] for views, pick in zip(self.views.values(), picks)]
         batches = self.batches(chosen, rng)
         self.backbone.model.train()
         total, seen = torch.zeros((), device=spec.device), 0
