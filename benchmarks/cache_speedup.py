@@ -63,7 +63,7 @@ if str(REPOSITORY) not in sys.path:
 
 from study.config import config_from_dict  # noqa: E402
 from study.data.prepare import PreparedDataset, prepare_dataset  # noqa: E402
-from study.embedding_cache import DEFAULT_ENCODE_BATCH, EmbeddingCache  # noqa: E402
+from foundation.embedding_cache import DEFAULT_ENCODE_BATCH, EmbeddingCache  # noqa: E402
 from trainables.backbones import build_backbone, resolve_weights  # noqa: E402
 from trainables.decoder import DecoderFineTune, EncoderInTheLoop, TrialSpec, retain_freed_memory  # noqa: E402
 

@@ -64,7 +64,7 @@ def main() -> None:
     # Fill the prepared store and the embedding cache first: encoding is real work, not overhead.
     from study.config import load_config
     from study.data.prepare import prepare_dataset
-    from study.embedding_cache import EmbeddingCache
+    from foundation.embedding_cache import EmbeddingCache
     from trainables.backbones import build_backbone, resolve_weights
 
     config = load_config(path)

@@ -1,12 +1,12 @@
 """The search of a study as plain data: which cells, which ranges, how many samples and seeds, which scheduler.
 
-`search_plan(config)` turns the `factors`, `search` and `scheduler` sections into a `SearchPlan`;
-study/ray_tune.py (the one module that talks to Ray) turns that into Ray Tune trials, a searcher
+A `SearchPlan` is built from plain values (study.plan.search_plan turns the `factors`, `search`
+and `scheduler` sections of a config into one); study/ray_tune.py (the one module that talks to Ray) turns that into Ray Tune trials, a searcher
 and a scheduler. `trial_id(params)` names a trial by its parameters, so the same trial has the
 same name in every process, in MLflow and across a resume.
 
 A trial's params are its grid cell (with `target` among its factors when `data.target` lists
-several targets, see search_spaces.grid.study_axes), its values of the continuous ranges and `seed`, the
+several targets, see search_spaces.grid.grid_axes), its values of the continuous ranges and `seed`, the
 replicate index (0..seeds-1, the training seed): every configuration is trained `seeds` times,
 and each replicate is its own trial. For `grid` and `random` the whole trial list is known in
 advance: `plan_trials(plan)` computes it here (Ray's variant generator cannot repeat one random
@@ -23,17 +23,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from search_spaces.grid import grid_cells
-from study.config import Range, StudyConfig
+from collections import Counter
+
 
 SEED_PARAM = "seed"
+
+
+@dataclass(frozen=True)
+class SearchRange:
+    """A continuous factor searched within each cell: `loguniform` or `uniform` on [low, high)."""
+
+    kind: str  # loguniform | uniform
+    low: float
+    high: float
 
 
 @dataclass(frozen=True)
 class SearchPlan:
     algorithm: str  # grid | random | optuna
     cells: list[dict]  # every combination of the categorical factors
-    ranges: dict[str, Range]  # continuous factors, searched within each cell
+    ranges: dict[str, SearchRange]  # continuous factors, searched within each cell
     num_samples: int  # configurations per cell (random and optuna draws; 1 for grid)
     metric: str
     mode: str
@@ -57,22 +66,15 @@ class SearchPlan:
     def total_trials(self) -> int:
         return self.total_configurations * self.seeds
 
-
-def search_plan(config: StudyConfig) -> SearchPlan:
-    return SearchPlan(
-        algorithm=config.search.algorithm,
-        cells=grid_cells(config),
-        ranges=config.factors.ranges(),
-        num_samples=config.search.num_samples,
-        metric=config.search.metric,
-        mode=config.search.mode,
-        scheduler=config.scheduler.kind,
-        grace_period=config.scheduler.grace_period,
-        reduction_factor=config.scheduler.reduction_factor,
-        max_epochs=max(config.factors.epochs),
-        seed=config.study.seed,
-        seeds=config.search.seeds,
-    )
+    def trials_per_level(self) -> dict[str, Counter]:
+        """For each grid axis with more than one level: how many trials use each level."""
+        per_cell = self.samples_per_cell * self.seeds
+        counts: dict[str, Counter] = {}
+        for name in self.cells[0]:
+            levels = Counter(str(cell[name]) for cell in self.cells)
+            if len(levels) > 1:
+                counts[name] = Counter({level: n * per_cell for level, n in levels.items()})
+        return counts
 
 
 def with_seeds(params: dict, seeds: int) -> list[dict]:
@@ -80,7 +82,7 @@ def with_seeds(params: dict, seeds: int) -> list[dict]:
     return [{**params, SEED_PARAM: seed} for seed in range(seeds)]
 
 
-def draw(ranges: dict[str, Range], study_seed: int, cell: int, sample: int) -> dict[str, float]:
+def draw(ranges: dict[str, SearchRange], study_seed: int, cell: int, sample: int) -> dict[str, float]:
     """One random draw of every range, from a generator seeded by (study seed, cell, sample).
 
     `uniform` is uniform on [low, high); `loguniform` is exp(uniform(log low, log high)). The

@@ -26,7 +26,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from study.errors import UserError
+from foundation.errors import UserError
 
 
 class _Section(BaseModel):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from search_spaces.grid import count_configurations, count_trials, trials_per_level
+from search_spaces.grid import grid_axes, grid_cells
+from search_spaces.space import SearchPlan, SearchRange
 from study.config import StudyConfig, config_hash
 from study.data.prepare import DatasetPlan, plan_targets
 from study.weights import weights_table
@@ -42,16 +43,40 @@ class StudyPlan:
         return [row for row in self.weights if not row["present"]]
 
 
+def study_axes(config: StudyConfig) -> dict[str, tuple]:
+    """The grid axes of a study: `target` when data.target is a list, then every categorical factor."""
+    return grid_axes(config.factors.categorical_axes(), config.data.targets())
+
+
+def search_plan(config: StudyConfig) -> SearchPlan:
+    """The `factors`, `search` and `scheduler` sections as a SearchPlan of plain values."""
+    return SearchPlan(
+        algorithm=config.search.algorithm,
+        cells=grid_cells(study_axes(config)),
+        ranges={name: SearchRange(r.kind, r.low, r.high) for name, r in config.factors.ranges().items()},
+        num_samples=config.search.num_samples,
+        metric=config.search.metric,
+        mode=config.search.mode,
+        scheduler=config.scheduler.kind,
+        grace_period=config.scheduler.grace_period,
+        reduction_factor=config.scheduler.reduction_factor,
+        max_epochs=max(config.factors.epochs),
+        seed=config.study.seed,
+        seeds=config.search.seeds,
+    )
+
+
 def build_plan(config: StudyConfig) -> StudyPlan:
     backbones = set(config.factors.backbone)
     weights = [row for row in weights_table(config.weights.dir, config.weights.files) if row["name"] in backbones]
     datasets, unique_images = plan_targets(config)
+    search = search_plan(config)
     return StudyPlan(
         config=config,
         config_hash=config_hash(config),
-        configurations=count_configurations(config),
-        trials=count_trials(config),
-        per_level=trials_per_level(config),
+        configurations=search.total_configurations,
+        trials=search.total_trials,
+        per_level=search.trials_per_level(),
         datasets=datasets,
         encode_images=unique_images,
         weights=weights,

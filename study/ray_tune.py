@@ -35,7 +35,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator  # noqa: E402
 
 from search_spaces.space import SEED_PARAM, SearchPlan, plan_trials, trial_id, with_seeds  # noqa: E402
 from study import stages  # noqa: E402
-from study.errors import UserError  # noqa: E402
+from foundation.errors import UserError  # noqa: E402
 
 TUNE_FOLDER = "tune"
 TRIAL_KEY = "trial"  # grid and random trials: the param space is {TRIAL_KEY: grid_search(trials)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from study.errors import UserError
+from foundation.errors import UserError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -24,12 +24,12 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from search_spaces.grid import study_axes
-from search_spaces.space import search_plan, trial_id, zero_shot_id
+from search_spaces.space import trial_id, zero_shot_id
 from study import stages
 from study.config import StudyConfig, config_hash, resolved_dict, write_resolved
 from study.data.prepare import prepare_dataset
-from study.errors import UserError
+from study.plan import search_plan, study_axes
+from foundation.errors import UserError
 from study.tracking import StudyTracker
 from trainables.backbones import BACKBONES, resolve_weights
 

@@ -104,8 +104,8 @@ def encode_shard(backbone_name: str, weights: str, prepared_root: str, cache_roo
                  image_ids: list[tuple[str, int]]) -> dict:
     """Fill the embedding cache for some images of one prepared store; returns hit/miss/corrupt counts
     (per distinct image: an image another store holds too is a hit once encoded for either)."""
-    from study.data.prepare import open_prepared
-    from study.embedding_cache import EmbeddingCache
+    from foundation.prepared_store import open_prepared
+    from foundation.embedding_cache import EmbeddingCache
     from trainables.decoder import TrialSpec, resident_backbone, retain_freed_memory
 
     retain_freed_memory()  # as a trial does: large activations without page faults

@@ -49,7 +49,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from study.errors import UserError
+from foundation.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from study.errors import UserError
+from foundation.errors import UserError
 from trainables.backbones import (
     BACKBONES,
     DEFAULT_WEIGHTS_DIR,

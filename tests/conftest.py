@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from study.config import StudyConfig, config_from_dict
-from study.data.prepare import PreparedDataset, prepare_dataset
+from foundation.prepared_store import PreparedDataset
+from study.data.prepare import prepare_dataset
 
 
 @pytest.fixture(scope="session")

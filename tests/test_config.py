@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from search_spaces.grid import count_trials, grid_cells, trials_per_level
+from study.plan import search_plan
 from study.config import config_hash, load_config, write_resolved
-from study.errors import UserError
+from foundation.errors import UserError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "grid.example.yaml"
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
@@ -27,14 +27,14 @@ def test_example_grid_is_accepted_with_every_key_as_written():
     assert config.factors.grad_accum == (4,)
     assert config.resources.gpus_per_trial == 0.25
     assert config.study_dir == Path("runs/brats-decoder-ablation")
-    assert count_trials(config) == 5 * 3 * 3 * 4 == 180
-    assert trials_per_level(config)["backbone"]["sam2_l"] == 36
-    assert len(grid_cells(config)) == 180
+    assert search_plan(config).total_trials == 5 * 3 * 3 * 4 == 180
+    assert search_plan(config).trials_per_level()["backbone"]["sam2_l"] == 36
+    assert len(search_plan(config).cells) == 180
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_shipped_presets_load(path):
-    assert count_trials(load_config(path)) >= 1
+    assert search_plan(load_config(path)).total_trials >= 1
 
 
 def test_defaults_resolve_and_round_trip_with_a_stable_hash(tmp_path):
@@ -59,8 +59,8 @@ def test_seeds_and_evaluation_load_count_and_are_resolved(tmp_path):
     config = load_config(write(tmp_path, text))
     assert config.search.seeds == 3 and config.search.num_samples == 1
     assert config.evaluation.single_point_multimask is False and config.evaluation.nsd_tolerance_mm == 1.5
-    assert count_trials(config) == 2 * 3
-    assert trials_per_level(config)["optimizer"] == {"adam": 3, "sgd": 3}
+    assert search_plan(config).total_trials == 2 * 3
+    assert search_plan(config).trials_per_level()["optimizer"] == {"adam": 3, "sgd": 3}
     resolved = yaml.safe_load(write_resolved(config, tmp_path / "study").read_text())
     assert resolved["search"]["seeds"] == 3
     assert resolved["evaluation"] == {"single_point_multimask": False, "nsd_tolerance_mm": 1.5,
@@ -82,8 +82,8 @@ def test_random_and_optuna_count_draws_times_seeds(tmp_path):
     text = ("factors: {optimizer: [adam, sgd], lr: {loguniform: [1.0e-5, 1.0e-3]}}\n"
             "search: {algorithm: random, num_samples: 4, seeds: 2}\n")
     config = load_config(write(tmp_path, text))
-    assert count_trials(config) == 2 * 4 * 2
-    assert trials_per_level(config)["optimizer"] == {"adam": 8, "sgd": 8}
+    assert search_plan(config).total_trials == 2 * 4 * 2
+    assert search_plan(config).trials_per_level()["optimizer"] == {"adam": 8, "sgd": 8}
 
 
 def test_config_is_frozen(tmp_path):
@@ -98,7 +98,7 @@ def test_ranges_need_a_searcher_and_are_kept(tmp_path):
         load_config(write(tmp_path, text))
     config = load_config(write(tmp_path, text + "search: {algorithm: optuna, num_samples: 4}\n"))
     assert (config.factors.lr.kind, config.factors.lr.low, config.factors.lr.high) == ("loguniform", 1e-5, 1e-3)
-    assert count_trials(config) == 4
+    assert search_plan(config).total_trials == 4
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -151,18 +151,18 @@ def test_a_target_list_is_a_grid_axis_and_one_target_keeps_the_trial_ids(tmp_pat
 
     several = load_config(write(tmp_path, "data:\n  target: [whole_tumor, tumor_core]\nfactors:\n  lr: [1.0e-4, 1.0e-3]\n"))
     assert several.data.targets() == ("whole_tumor", "tumor_core") and several.data.multi_target
-    assert count_trials(several) == 4
-    cells = grid_cells(several)
+    assert search_plan(several).total_trials == 4
+    cells = search_plan(several).cells
     assert [c["target"] for c in cells] == ["whole_tumor", "whole_tumor", "tumor_core", "tumor_core"]
-    assert trials_per_level(several)["target"] == {"whole_tumor": 2, "tumor_core": 2}
+    assert search_plan(several).trials_per_level()["target"] == {"whole_tumor": 2, "tumor_core": 2}
     write_resolved(several, tmp_path / "several")
     assert yaml.safe_load((tmp_path / "several" / "resolved.yaml").read_text())["data"]["target"] == [
         "whole_tumor", "tumor_core"]
 
     single = load_config(write(tmp_path, "data:\n  target: whole_tumor\nfactors:\n  lr: [1.0e-4, 1.0e-3]\n"))
     assert single.data.targets() == ("whole_tumor",) and not single.data.multi_target
-    assert all("target" not in c for c in grid_cells(single))  # no target param: trial ids unchanged
-    assert [trial_id(c) for c in grid_cells(single)] == [trial_id({k: v for k, v in c.items() if k != "target"})
+    assert all("target" not in c for c in search_plan(single).cells)  # no target param: trial ids unchanged
+    assert [trial_id(c) for c in search_plan(single).cells] == [trial_id({k: v for k, v in c.items() if k != "target"})
                                                         for c in cells[:2]]
     one_listed = load_config(write(tmp_path, "data:\n  target: [whole_tumor]\nfactors:\n  lr: [1.0e-4, 1.0e-3]\n"))
     assert one_listed.data.target == "whole_tumor" and config_hash(one_listed) == config_hash(single)

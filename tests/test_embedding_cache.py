@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from study.embedding_cache import TEMP_PREFIX, EmbeddingCache, EncodeCounts
+from foundation.embedding_cache import TEMP_PREFIX, EmbeddingCache, EncodeCounts
 from trainables.backbones import build_backbone
 
 SMALL = 64  # test-only input size: a 4 x 4 embedding grid for SAM, so encoding costs milliseconds

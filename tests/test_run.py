@@ -126,8 +126,8 @@ def test_the_runner_pieces_route_each_target_to_its_store_and_encode_shared_imag
     import pandas as pd
 
     import trainables.decoder
-    from search_spaces.grid import study_axes
-    from search_spaces.space import search_plan, trial_id
+    from search_spaces.space import trial_id
+    from study.plan import search_plan, study_axes
     from study import stages
     from study.runner import encode_keys, zero_shot_runs
 

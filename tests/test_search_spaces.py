@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from search_spaces.space import SearchPlan, plan_trials, search_plan, trial_id
-from study.config import Range, config_from_dict
+from search_spaces.space import SearchPlan, SearchRange, plan_trials, trial_id
+from study.config import config_from_dict
+from study.plan import search_plan
 
 
 def config(search: dict, factors: dict | None = None, seed: int = 0):
@@ -77,7 +78,7 @@ def test_random_draws_are_shared_by_the_seeds_inside_the_ranges_and_deterministi
 
 def test_loguniform_draws_spread_over_the_decades():
     plan = SearchPlan(algorithm="random", cells=[{"backbone": "b"}],
-                      ranges={"lr": Range(kind="loguniform", low=1e-6, high=1e-2)}, num_samples=400, metric="val_dice", mode="max", scheduler="fifo", grace_period=1,
+                      ranges={"lr": SearchRange("loguniform", 1e-6, 1e-2)}, num_samples=400, metric="val_dice", mode="max", scheduler="fifo", grace_period=1,
                       reduction_factor=3, max_epochs=1, seed=0, seeds=1)
     values = [t["lr"] for t in plan_trials(plan)]
     assert all(1e-6 <= v <= 1e-2 for v in values)

@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from study.errors import UserError
+from foundation.errors import UserError
 from study.tracking import StudyTracker, flatten_params
 
 FACTORS = {"backbone": "litemedsam", "optimizer": "adamw", "loss": "dice", "prompt": "box", "eval_prompt": "box",

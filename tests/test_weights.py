@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from study.errors import UserError
+from foundation.errors import UserError
 from study.weights import download_checkpoint, main, weights_table
 from trainables.backbones import BACKBONES, get_spec
 

@@ -87,8 +87,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from study.data.prepare import PreparedDataset, SliceRecord, open_prepared
-from study.embedding_cache import EmbeddingCache, ResidentEmbeddings
+from foundation.prepared_store import PreparedDataset, SliceRecord, open_prepared
+from foundation.embedding_cache import EmbeddingCache, ResidentEmbeddings
 from trainables.backbones import Backbone, build_backbone
 from trainables.losses import build_loss, iou_head_loss
 from trainables.metrics import dice, image_metrics, iou, subject_metrics

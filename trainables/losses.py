@@ -21,7 +21,7 @@ import torch
 from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss
 from torch import nn
 
-from study.errors import UserError
+from foundation.errors import UserError
 
 
 def dice_loss() -> nn.Module:

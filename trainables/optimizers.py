@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from study.errors import UserError
+from foundation.errors import UserError
 
 SGD_DEFAULT_WEIGHT_DECAY = 1e-4
 ADAMW_DEFAULT_WEIGHT_DECAY = 0.01

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy import ndimage
 
-from study.errors import UserError
+from foundation.errors import UserError
 
 
 @dataclass(frozen=True, eq=False)

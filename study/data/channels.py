@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from study.data.regions import normalise_modality
-from study.errors import UserError
+from foundation.errors import UserError
 
 
 def stack_channels(planes: Sequence[np.ndarray]) -> np.ndarray:

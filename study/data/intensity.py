@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from study.errors import UserError
+from foundation.errors import UserError
 
 
 def linear_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:

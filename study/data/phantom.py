@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from study.errors import UserError
+from foundation.errors import UserError
 
 IN_PLANE = 128
 SLICE_RANGE = (40, 48)  # inclusive

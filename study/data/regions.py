@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from study.errors import UserError
+from foundation.errors import UserError
 
 #: The brain-tumour regions every brain reader offers, in the order they are listed to users.
 BRAIN_REGIONS: tuple[str, ...] = ("whole_tumor", "tumor_core", "enhancing", "edema", "non_enhancing")

@@ -27,7 +27,7 @@ from dataclasses import replace
 import numpy as np
 
 from study.data.volume import Volume
-from study.errors import UserError
+from foundation.errors import UserError
 
 #: Slicing axis -> (transpose of the (Z, H, W) array, letter of the slice id).
 AXES: dict[str, tuple[tuple[int, int, int], str]] = {

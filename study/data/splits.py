@@ -25,9 +25,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from study.data.volume import SubjectEntry
-from study.errors import UserError
+from foundation.errors import UserError
+from foundation.prepared_store import SPLITS
 
-SPLITS = ("train", "val", "test")
 
 #: Split names as readers or folders may spell them -> the harness's names.
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",

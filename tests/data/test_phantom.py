@@ -13,7 +13,7 @@ from study.data.phantom import file_hashes, generate_phantom, synthesize_subject
 from study.data.readers import READERS
 from study.data.readers.phantom import PhantomReader
 from study.data.regions import BRAIN_REGIONS
-from study.errors import UserError
+from foundation.errors import UserError
 
 
 def test_cli_writes_the_three_layouts(phantom_cli):

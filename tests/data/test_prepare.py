@@ -18,13 +18,14 @@ from PIL import Image
 import study.data.prepare as prepare_module
 from study.config import StudyConfig
 from study.data.intensity import percentile_clip
-from study.data.prepare import (SliceRecord, image_digest, open_prepared, plan_dataset, plan_targets, prepare_dataset,
+from foundation.prepared_store import SliceRecord, image_digest, open_prepared
+from study.data.prepare import (plan_dataset, plan_targets, prepare_dataset,
                                 publish_store)
 from study.data.readers import READERS
 from study.data.regions import MSD_BRAIN_LABELS
 from study.data.splits import split_subjects
 from study.data.volume import SubjectEntry, Volume
-from study.errors import UserError
+from foundation.errors import UserError
 
 MODALITIES = ("flair", "t1", "t1gd", "t2w")
 TARGET_LABELS = {"tumor": 1, "other": 2}

@@ -18,7 +18,7 @@ from study.data.intensity import hounsfield_window, normalise_channels, percenti
 from study.data.slicing import reorient, reorient_mask, select_slices
 from study.data.splits import split_counts, split_subjects
 from study.data.volume import SubjectEntry, Volume
-from study.errors import UserError
+from foundation.errors import UserError
 
 MRI = ("flair", "t1", "t1gd", "t2w")
 

@@ -14,7 +14,7 @@ from pycocotools import mask as coco_mask
 
 from study.data.readers import READERS
 from study.data.regions import BRAIN_REGIONS, BTCV_ORGANS, normalise_modality
-from study.errors import UserError
+from foundation.errors import UserError
 
 # ---------------------------------------------------------------- builders
 

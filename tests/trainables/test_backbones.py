@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from study.errors import UserError
+from foundation.errors import UserError
 from trainables.backbones import (
     BACKBONES,
     RANDOM_WEIGHTS,

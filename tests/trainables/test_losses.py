@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from study.errors import UserError
+from foundation.errors import UserError
 from trainables.losses import LOSSES, build_loss, iou_head_loss
 
 # MONAI's Dice smoothing constants (DiceLoss defaults smooth_nr = smooth_dr = 1e-5).

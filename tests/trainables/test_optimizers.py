@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from study.errors import UserError
+from foundation.errors import UserError
 from trainables.optimizers import OPTIMIZERS, SCHEDULES, build_optimizer, build_schedule
 
 

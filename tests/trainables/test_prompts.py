@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from study.errors import UserError
+from foundation.errors import UserError
 from trainables.prompts import (
     PROMPTS,
     Prompt,

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from study.errors import UserError
+from foundation.errors import UserError
 from trainables.backbones import litemedsam, sam, sam2
 from trainables.backbones.backbone import Backbone
 from trainables.backbones.checkpoints import file_sha256, load_strictly, read_checkpoint

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from study.errors import UserError
+from foundation.errors import UserError
 from trainables.backbones.spec import BackboneSpec, ParamCounts
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from study.errors import UserError
+from foundation.errors import UserError
 from trainables.backbones.spec import FORMAT_DESCRIPTIONS, BackboneSpec
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from study.data.volume import SubjectEntry, Volume
-from study.errors import UserError
+from foundation.errors import UserError
 
 
 class Reader(Protocol):

@@ -40,7 +40,7 @@ from study.data.regions import (
     target_mask,
 )
 from study.data.volume import SubjectEntry, Volume
-from study.errors import UserError
+from foundation.errors import UserError
 
 LAYOUT = (
     "one folder per case with BraTS 2021 names (CASE_flair, CASE_t1, CASE_t1ce, CASE_t2, "

@@ -31,7 +31,7 @@ from study.data.readers.nifti import (
 )
 from study.data.regions import BTCV_LABELS, target_label_values, target_mask
 from study.data.volume import SubjectEntry, Volume
-from study.errors import UserError
+from foundation.errors import UserError
 
 LAYOUT = (
     "CT volumes imagesTr/imgNNNN.nii.gz with labels labelsTr/labelNNNN.nii.gz (or img/ and "

@@ -30,7 +30,7 @@ from study.data.readers import is_hidden, picture_id, require_root, unique_subje
 from study.data.readers.folder import is_picture, read_picture
 from study.data.regions import split_from_folder
 from study.data.volume import SubjectEntry, Volume
-from study.errors import UserError
+from foundation.errors import UserError
 
 ANNOTATION_FILE = "_annotations.coco.json"
 

@@ -42,7 +42,7 @@ from study.data.readers.nifti import (
 )
 from study.data.regions import split_from_folder
 from study.data.volume import SubjectEntry, Volume
-from study.errors import UserError
+from foundation.errors import UserError
 
 PICTURE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 MASK_FOLDERS = ("masks", "labels")

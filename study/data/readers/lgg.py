@@ -23,7 +23,7 @@ from study.data.readers import is_hidden, require_root
 from study.data.readers.folder import mask_labels_2d, read_picture
 from study.data.regions import LGG_CHANNELS
 from study.data.volume import SubjectEntry, Volume
-from study.errors import UserError
+from foundation.errors import UserError
 
 LAYOUT = (
     "the kaggle_3m layout: one TCGA_* folder per patient holding TCGA_..._N.tif slices (3 "

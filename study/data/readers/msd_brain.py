@@ -39,7 +39,7 @@ from study.data.regions import (
     target_mask,
 )
 from study.data.volume import SubjectEntry, Volume
-from study.errors import UserError
+from foundation.errors import UserError
 
 TASK_FOLDER = "Task01_BrainTumour"
 

@@ -17,7 +17,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from study.errors import UserError
+from foundation.errors import UserError
 
 #: Largest per-element difference (mm) between an image's and its label's affine still taken as equal.
 AFFINE_TOLERANCE_MM = 1e-3

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from study.data.prepare import PreparedDataset, SliceRecord
+from foundation.prepared_store import PreparedDataset, SliceRecord
 
 #: Bumped whenever what an entry holds or how it is laid out changes; part of the namespace name.
 #: 2: entries keyed by the image's content (`SliceRecord.image_sha256`), not by store, id and view.
