@@ -26,7 +26,6 @@ import numpy as np
 
 from study.data.volume import SubjectEntry
 from foundation.errors import UserError
-from foundation.prepared_store import SPLITS
 
 
 #: Split names as readers or folders may spell them -> the harness's names.
