@@ -4,7 +4,7 @@
         [--backbones litemedsam sam2_t sam_b] [--batch-size 8] [--prompt box] [--work DIR]
         [--in-loop-encode-batch N] [--system-malloc] [--threads N]
 
-For each backbone, one trainable configuration (`trainables.decoder.TrialSpec`: AdamW, lr 1e-4,
+For each backbone, one trainable configuration (`trainables.fine_tune.TrialSpec`: AdamW, lr 1e-4,
 Dice+BCE, `--prompt`, `--batch-size`) is trained in two ways, side by side:
 
 - cached: what a trial does. The train and validation images are encoded once into an empty
@@ -36,7 +36,7 @@ prepared under `--work` (a temporary folder by default) with no augmented views.
 other processes competed for the cores and the timings are inflated (small parallel operations
 suffer most, so the decoder-only epochs more than the encoder-heavy ones).
 
-By default the process first calls `trainables.decoder.retain_freed_memory()`, as `run_trial`
+By default the process first calls `trainables.residency.retain_freed_memory()`, as `run_trial`
 does in a worker; it speeds up both ways (the encoder more than the decoder). `--system-malloc`
 measures with glibc's defaults instead.
 
@@ -65,7 +65,8 @@ from study.config import config_from_dict  # noqa: E402
 from study.data.prepare import PreparedDataset, prepare_dataset  # noqa: E402
 from foundation.embedding_cache import DEFAULT_ENCODE_BATCH, EmbeddingCache  # noqa: E402
 from trainables.backbones import build_backbone, resolve_weights  # noqa: E402
-from trainables.decoder import DecoderFineTune, EncoderInTheLoop, TrialSpec, retain_freed_memory  # noqa: E402
+from trainables.fine_tune import DecoderFineTune, EncoderInTheLoop, TrialSpec  # noqa: E402
+from trainables.residency import retain_freed_memory  # noqa: E402
 
 
 def log(message: str) -> None:

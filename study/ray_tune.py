@@ -5,15 +5,18 @@ Ray's API moves between releases, so every Ray import of the project is here. Th
 
 - `ray_session(address)` joins a cluster (`--address`, `ray.address`, `RAY_ADDRESS`) or starts a
   local instance, and always shuts down what it started.
-- `run_encode` fills the embedding cache with one task per (backbone, shard), one GPU each where
-  the cluster has GPUs, before any trial starts; trials only read the cache.
-- `run_zero_shot` evaluates every backbone x eval prompt (x target, with several) as tasks.
+- `stage_workers(n)` starts one actor per GPU (per CPU without GPUs) for the stages before the
+  search: `encode` fills the embedding cache one shard per call before any trial starts (trials
+  only read the cache, and build no image encoder), `zero_shot` evaluates every backbone x eval
+  prompt (x target, with several). The actors are killed when those stages end, so their device
+  memory is free for the trials.
 - `run_tune` runs the fine-tune trials: grid and random search as the explicit trial list of
   `search_spaces.space.plan_trials` (one Ray trial per params dict, every seed its own trial),
   Optuna TPE within each grid cell through `CellwiseOptunaSearch` (each proposal once per
   seed), FIFO or ASHA scheduling, actor reuse so models and embeddings stay resident in a
-  worker between trials, and a callback that hands every result to the driver's MLflow
-  tracker (the only process that writes to MLflow).
+  worker between trials (its `Residency`), and a callback that hands every trial event to the
+  driver (the ledger's driver-side transitions and MLflow: only the driver writes to MLflow).
+  A trial the scheduler stops is tested at once by a task beside the search.
 """
 
 from __future__ import annotations
@@ -21,21 +24,27 @@ from __future__ import annotations
 import os
 import pickle
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic live trial table
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# A failed trial is a row with its reason in trials.csv and MLflow; its traceback is in Tune's
+# error.txt in the trial's Tune folder, not printed over the progress table.
+os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter, Searcher  # noqa: E402
 from ray.tune.search.basic_variant import BasicVariantGenerator  # noqa: E402
+from ray.tune.stopper import Stopper  # noqa: E402
 
+from foundation.errors import UserError  # noqa: E402
+from foundation.files import write_atomic  # noqa: E402
 from search_spaces.space import SEED_PARAM, SearchPlan, plan_trials, trial_id, with_seeds  # noqa: E402
 from study import stages  # noqa: E402
-from foundation.errors import UserError  # noqa: E402
 
 TUNE_FOLDER = "tune"
 TRIAL_KEY = "trial"  # grid and random trials: the param space is {TRIAL_KEY: grid_search(trials)}
@@ -71,58 +80,111 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-# --- encode and zero-shot as tasks ----------------------------------------------------------------
+# --- encode and zero-shot in stage workers --------------------------------------------------------
 
 
 def _gpu_options() -> dict:
     return {"num_gpus": 1, "num_cpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
 
 
-@ray.remote(max_retries=2)
-def _encode_task(backbone: str, weights: str, prepared_root: str, cache_root: str, image_ids: list) -> dict:
-    return stages.encode_shard(backbone, weights, prepared_root, cache_root, image_ids)
+def _user_error(error: Exception) -> UserError | None:
+    """The UserError a Ray error wraps (a task's or an actor's), or None."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, UserError) else (error if isinstance(error, UserError) else None)
 
 
-@ray.remote(max_retries=2)
-def _zero_shot_task(backbone: str, prompt: str, target: str | None, context: stages.StudyContext) -> dict:
-    return stages.zero_shot(backbone, prompt, context, node=_node_id(), target=target)
+def failure_reason(error: Exception | str | None) -> str:
+    """One line for a ledger entry: the original exception's type and message, not Ray's traceback."""
+    if error is None:
+        return "the trial's worker failed"
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}".strip()
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "the trial's worker failed"
 
 
-def _wait_all(refs: list, on_done: Callable[[object, object], None]) -> None:
-    pending = {ref: i for i, ref in enumerate(refs)}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            on_done(pending.pop(ref), ray.get(ref))
+@ray.remote(max_restarts=2, max_task_retries=2)
+class _StageWorker:
+    """One encode and zero-shot worker per GPU (per CPU without GPUs), torn down when those stages end.
+
+    It keeps the backbone it built between shards (a `Residency`); killing it at the end frees
+    its device memory, so the trials that follow start on an empty GPU.
+    """
+
+    def __init__(self):
+        from trainables.residency import Residency
+
+        self.residency = Residency()
+
+    def encode(self, backbone: str, weights: str, prepared_root: str, cache_root: str, image_ids: list) -> dict:
+        return stages.encode_shard(backbone, weights, prepared_root, cache_root, image_ids, residency=self.residency)
+
+    def zero_shot(self, backbone: str, prompt: str, target: str | None, context: stages.StudyContext):
+        return stages.zero_shot(backbone, prompt, context, node=_node_id(), target=target, residency=self.residency)
 
 
-def run_encode(jobs: list[tuple[str, str, str, list]], cache_root: str,
+class StageWorkers:
+    """A pool of `_StageWorker` actors for the encode and zero-shot stages; `close()` kills them."""
+
+    def __init__(self, count: int):
+        options = _gpu_options()
+        self.actors = [_StageWorker.options(**options).remote() for _ in range(max(1, count))]
+
+    def _run(self, calls: list[tuple[str, tuple]], on_done: Callable[[int, object], None]) -> None:
+        """Each call (method, args) on the next idle actor; `on_done(index, result)` as they finish.
+        A UserError raised in a worker is raised here as it is (one paragraph, no Ray traceback)."""
+        queue = list(enumerate(calls))
+        running: dict = {}
+        idle = list(self.actors)
+        while queue or running:
+            while queue and idle:
+                actor = idle.pop()
+                index, (method, args) = queue.pop(0)
+                running[getattr(actor, method).remote(*args)] = (index, actor)
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                index, actor = running.pop(ref)
+                idle.append(actor)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as error:
+                    user = _user_error(error)
+                    if user is not None:
+                        raise user from None
+                    raise
+                on_done(index, result)
+
+    def encode(self, jobs: list[tuple[str, str, str, list]], cache_root: str,
                progress: Callable[[int, dict], None]) -> None:
-    """One task per (backbone, weights, prepared store, shard of image ids); `progress(images_done,
-    counts)` after each."""
-    options = _gpu_options()
-    refs = [_encode_task.options(**options).remote(b, w, root, cache_root, ids) for b, w, root, ids in jobs]
-    _wait_all(refs, lambda i, counts: progress(len(jobs[i][3]), counts))
+        """One call per (backbone, weights, prepared store, shard of image ids); `progress(images_done,
+        counts)` after each."""
+        self._run([("encode", (b, w, root, cache_root, ids)) for b, w, root, ids in jobs],
+                  lambda i, counts: progress(len(jobs[i][3]), counts))
+
+    def zero_shot(self, evaluations: list[tuple[str, str, str | None]], context: stages.StudyContext,
+                  on_result: Callable[[object], None]) -> None:
+        """One evaluation per (backbone, eval prompt, target or None); `on_result(ledger entry)`."""
+        self._run([("zero_shot", (b, p, t, context)) for b, p, t in evaluations], lambda i, entry: on_result(entry))
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
 
 
-@ray.remote(max_retries=2)
-def _finalise_task(params: dict, context: stages.StudyContext) -> dict:
+@contextmanager
+def stage_workers(count: int):
+    workers = StageWorkers(count)
+    try:
+        yield workers
+    finally:
+        workers.close()
+
+
+@ray.remote(max_retries=2, max_calls=1)  # max_calls=1: the worker process exits after, freeing its memory
+def _finalise_task(params: dict, context: stages.StudyContext):
     return stages.finetune(params, context, report=lambda metrics: None, node=_node_id())
-
-
-def run_finalise(params_list: list[dict], context: stages.StudyContext, on_result: Callable[[dict], None]) -> None:
-    """Evaluate on test the best epoch of trials the scheduler stopped early (no more training)."""
-    options = _gpu_options()
-    refs = [_finalise_task.options(**options).remote(params, context) for params in params_list]
-    _wait_all(refs, lambda i, record: on_result(record))
-
-
-def run_zero_shot(evaluations: list[tuple[str, str, str | None]], context: stages.StudyContext,
-                  on_result: Callable[[dict], None]) -> None:
-    """One task per (backbone, eval prompt, target or None)."""
-    options = _gpu_options()
-    refs = [_zero_shot_task.options(**options).remote(b, p, t, context) for b, p, t in evaluations]
-    _wait_all(refs, lambda i, record: on_result(record))
 
 
 # --- search: Optuna within each grid cell ------------------------------------------------------------
@@ -206,17 +268,13 @@ class CellwiseOptunaSearch(Searcher):
         self.save(str(self.state_path))
 
     def save(self, checkpoint_path: str):
-        Path(checkpoint_path).parent.mkdir(parents=True, exist_ok=True)
-        temp = f"{checkpoint_path}.{os.getpid()}.tmp"
         state = {
             "version": self.STATE_VERSION, "cells": self.cells, "seeds": self.seeds,
             "distributions": self.distributions, "studies": self.studies, "remaining": self.remaining,
             # running trials first: after a restore they are proposed again before anything else
             "queue": list(self.live.values()) + self.queue, "results": self.results,
         }
-        with open(temp, "wb") as handle:
-            pickle.dump(state, handle)
-        os.replace(temp, checkpoint_path)
+        write_atomic(checkpoint_path, pickle.dumps(state))
 
     def restore(self, checkpoint_path: str):
         with open(checkpoint_path, "rb") as handle:
@@ -264,43 +322,129 @@ def _scheduler(plan: SearchPlan):
 
 # --- the trainable and the driver-side callback -------------------------------------------------------
 
+_RESIDENCY = None  # the Residency of this worker process (Ray Tune reuses its actors across trials)
 
-def _trainable(config: dict, context: stages.StudyContext):
-    stages.finetune(_flat_params(config), context, report=lambda metrics: tune.report(metrics), node=_node_id())
+
+def _worker_residency(cpus: float, gpus: float):
+    """This worker process's `Residency`, made on its first trial; its memory budget is the node's
+    share for one of the trial workers that fit on this node (by the trial's CPU and GPU request)."""
+    global _RESIDENCY
+    if _RESIDENCY is None:
+        from trainables.residency import Residency
+
+        node = next((n for n in ray.nodes() if n.get("NodeID") == _node_id()), {})
+        have = node.get("Resources", {})
+        fits = [int(have.get("CPU", 1) // cpus) if cpus else None, int(have.get("GPU", 0) // gpus) if gpus else None]
+        _RESIDENCY = Residency(workers_per_node=max(1, min([f for f in fits if f is not None] or [1])))
+    return _RESIDENCY
+
+
+def _trainable(config: dict, context: stages.StudyContext, cpus: float, gpus: float):
+    stages.finetune(_flat_params(config), context, report=lambda metrics: tune.report(metrics), node=_node_id(),
+                    residency=_worker_residency(cpus, gpus))
+
+
+class _UserErrorStop(Stopper):
+    """Stops the whole search once a trial ended with a user error (its entry says so): every
+    other trial would meet the same mistake."""
+
+    def __init__(self):
+        self.error: str | None = None
+
+    def __call__(self, trial_id, result):
+        return False
+
+    def stop_all(self):
+        return self.error is not None
 
 
 class _TrialEvents(tune.Callback):
-    """Forwards Tune's trial events to the driver's handlers (MLflow, the result tables)."""
+    """Forwards Tune's trial events to the driver's handlers, and runs the test evaluation of the
+    trials the scheduler stops as soon as they stop (`finalise`, a task beside the search)."""
 
-    def __init__(self, on_start, on_epoch, on_end):
-        self.on_start, self.on_epoch, self.on_end = on_start, on_epoch, on_end
+    def __init__(self, handlers: "TrialHandlers", context, resources: dict, stopper: _UserErrorStop):
+        self.handlers, self.context, self.resources, self.stopper = handlers, context, resources, stopper
+        self.finalising: dict = {}  # task ref -> params
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.on_start(_flat_params(trial.config))
+        self.handlers.on_start(_flat_params(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "epoch" in result:
-            self.on_epoch(_flat_params(trial.config), result)
+            self.handlers.on_epoch(_flat_params(trial.config), result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.on_end(_flat_params(trial.config), None)
+        self._ended(_flat_params(trial.config), None)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.handlers.on_crash(_flat_params(trial.config), failure_reason(trial.get_pickled_error() or trial.get_error()))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.on_end(_flat_params(trial.config), str(getattr(trial, "error_message", None) or "the trial's worker failed"))
+        error = trial.get_pickled_error() or trial.get_error()
+        user = _user_error(error) if isinstance(error, Exception) else None
+        self._ended(_flat_params(trial.config), str(user) if user else failure_reason(error), user_error=user is not None)
+
+    def _ended(self, params: dict, error: str | None, user_error: bool = False) -> None:
+        if self.stopper.error:  # stopped for another trial's user error: left as it is, resumed next time
+            return
+        outcome = self.handlers.on_end(params, error, user_error)
+        if outcome == "finalise":
+            ref = _finalise_task.options(**self.resources).remote(params, self.context)
+            self.finalising[ref] = params
+        elif outcome == "user_error":
+            self.stopper.error = "user error"
+
+    def on_step_end(self, iteration, trials, **info):
+        self.collect(timeout=0)
+
+    def collect(self, timeout: float | None) -> None:
+        """Hand finished finalise tasks' entries to the driver (all of them with timeout None)."""
+        while self.finalising:
+            done, _ = ray.wait(list(self.finalising), num_returns=1, timeout=timeout)
+            if not done:
+                return
+            params = self.finalising.pop(done[0])
+            try:
+                entry = ray.get(done[0])
+            except ray.exceptions.RayError as error:
+                self.handlers.on_end(params, failure_reason(error), False, finalised=True)
+                continue
+            self.handlers.on_finalised(entry)
+
+
+@dataclass
+class TrialHandlers:
+    """What the driver does on each trial event (study/runner.py supplies them).
+
+    `on_end(params, error, user_error, finalised=False)` returns "finalise" when the trial still
+    needs its test evaluation (the scheduler stopped it), "user_error" when it ended with a mistake
+    in the input, else None; `on_finalised(entry)` receives a finalised trial's ledger entry.
+    """
+
+    on_start: Callable
+    on_epoch: Callable
+    on_end: Callable
+    on_crash: Callable
+    on_finalised: Callable
 
 
 def run_tune(plan: SearchPlan, context: stages.StudyContext, *, cpus: float, gpus: float,
-             max_concurrent: int | None, max_failures: int, on_start, on_epoch, on_end) -> None:
-    """Run the study's trials in the Tune experiment folder `<study>/tune`.
+             max_concurrent: int | None, max_failures: int, handlers: TrialHandlers) -> str | None:
+    """Run the study's trials in the Tune experiment folder `<study>/tune`; returns None, or
+    "user_error" when the search was stopped because a trial met a user error.
 
     Every run builds a new Tuner over the same deterministic trials (the explicit `plan_trials`
     list, or the persisted Optuna state) instead of restoring Ray's own experiment snapshot: finished
     trials return their stored results at once, unfinished ones continue from their checkpoints
     in the study folder, so a study killed at any moment resumes without re-running or losing work.
+    Trials the scheduler stops are tested right away by a task with the trial's resources.
     """
     storage = Path(context.study_dir).resolve()
     searcher, space, samples = _searcher_and_space(plan, storage / "results" / "search_state.pkl", max_concurrent)
-    trainable = tune.with_resources(tune.with_parameters(_trainable, context=context), {"cpu": cpus, "gpu": gpus})
+    trainable = tune.with_resources(tune.with_parameters(_trainable, context=context, cpus=cpus, gpus=gpus),
+                                    {"cpu": cpus, "gpu": gpus})
+    stopper = _UserErrorStop()
+    events = _TrialEvents(handlers, context, {"num_cpus": cpus, "num_gpus": gpus}, stopper)
     tuner = tune.Tuner(
         trainable,
         param_space=space,
@@ -311,11 +455,13 @@ def run_tune(plan: SearchPlan, context: stages.StudyContext, *, cpus: float, gpu
             trial_dirname_creator=lambda trial: trial_id(_flat_params(trial.config)),
         ),
         run_config=tune.RunConfig(
-            name=TUNE_FOLDER, storage_path=str(storage),
+            name=TUNE_FOLDER, storage_path=str(storage), stop=stopper,
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=[_TrialEvents(on_start, on_epoch, on_end)], verbose=1,
+            callbacks=[events], verbose=1,
             progress_reporter=tune.CLIReporter(metric_columns=["epoch", "train_loss", "val_dice"],
                                                parameter_columns=_parameter_columns(plan), max_report_frequency=10),
         ),
     )
     tuner.fit()
+    events.collect(timeout=None)
+    return "user_error" if stopper.error else None

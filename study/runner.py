@@ -24,14 +24,17 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from search_spaces.space import trial_id, zero_shot_id
+from foundation.errors import UserError
+from search_spaces.space import plan_trials, trial_id, zero_shot_id
 from study import stages
 from study.config import StudyConfig, config_hash, resolved_dict, write_resolved
 from study.data.prepare import prepare_dataset
+from study.ledger import RUN_STATUS, TrialEntry, TrialLedger
 from study.plan import search_plan, study_axes
-from foundation.errors import UserError
 from study.tracking import StudyTracker
-from trainables.backbones import BACKBONES, resolve_weights
+from trainables.backbones import BACKBONES, get_spec, read_checkpoint, resolve_weights
+from trainables.prompts import load_prompt_file
+from trainables.trial import BEST_DECODER_FILE
 
 ENCODE_SHARD = 32  # images per encode task
 #: Per-epoch metrics as logged to MLflow (step = epoch). An epoch's duration is `epoch_seconds`: the
@@ -81,10 +84,17 @@ def run_study(config: StudyConfig, plan_text: str, *, fresh: bool = False, addre
               num_cpus: int | None = None) -> StudyOutcome:
     from study import ray_tune  # Ray is imported only when a study really runs
 
-    # Checkpoints resolve before the study folder is claimed: a missing file then leaves no
-    # resolved.yaml behind, so fixing weights.dir is not refused as "a different config".
+    # Checkpoints resolve, and are read once, before the study folder is claimed and before any
+    # worker starts: a missing or corrupt file is one clear error here (not a Ray traceback per
+    # worker), and leaves no resolved.yaml behind, so fixing weights.dir is not refused as "a
+    # different config".
     weights = {name: str(resolve_weights(name, config.weights.dir, config.weights.files))
                for name in config.factors.backbone}
+    for name, path in weights.items():
+        if path != "random":
+            read_checkpoint(Path(path), get_spec(name))
+    if config.prompts.file:  # the same for a prompts file
+        load_prompt_file(Path(config.prompts.file))
     with study_lock(config.study_dir):
         return _run_locked(ray_tune, config, plan_text, weights, fresh=fresh, address=address, num_cpus=num_cpus)
 
@@ -152,10 +162,12 @@ def _run_locked(ray_tune, config: StudyConfig, plan_text: str, weights: dict, *,
         tracker.start_parent(config.study.name, config_hash(config), study_dir / "resolved.yaml", plan_text,
                              resolved_dict(config), fresh=fresh)
         with ray_tune.ray_session(address or config.ray.address, num_cpus=num_cpus) as resources:
-            _encode(ray_tune, config, datasets, weights, context, int(resources.get("GPU") or resources.get("CPU", 1)))
-            if config.baseline.zero_shot:
-                _zero_shot(ray_tune, config, context, tracker, info)
+            with ray_tune.stage_workers(int(resources.get("GPU") or resources.get("CPU", 1))) as workers:
+                _encode(workers, config, datasets, weights, context)
+                if config.baseline.zero_shot:
+                    _zero_shot(workers, config, context, tracker, info)
             _tune(ray_tune, config, plan, context, tracker, info)
+        _show_ledger_in_mlflow(context, tracker, info)
         counts = stages.collect_results(study_dir, list(study_axes(config)) + list(plan.ranges), info)
         report_dir = _report(config, study_dir, tracker)
         command = tracker.mlflow_ui_command()
@@ -180,12 +192,12 @@ def encode_keys(datasets: list) -> list[tuple[str, list[tuple[str, int]]]]:
     return out
 
 
-def _encode(ray_tune, config: StudyConfig, datasets: list, weights: dict, context, workers: int) -> None:
-    """One task per (backbone, store, shard); shards of at most ENCODE_SHARD images, at least one per
+def _encode(workers, config: StudyConfig, datasets: list, weights: dict, context) -> None:
+    """One call per (backbone, store, shard); shards of at most ENCODE_SHARD images, at least one per
     worker; every distinct image of the study's stores once (`encode_keys`)."""
     per_store = encode_keys(datasets)
     total = sum(len(keys) for _, keys in per_store)
-    size = max(1, min(ENCODE_SHARD, -(-total // max(workers, 1))))
+    size = max(1, min(ENCODE_SHARD, -(-total // max(len(workers.actors), 1))))
     jobs = [(name, weights[name], root, keys[i:i + size])
             for name in config.factors.backbone for root, keys in per_store for i in range(0, len(keys), size)]
     bar = tqdm(total=total * len(config.factors.backbone), desc="encode", unit="img")
@@ -196,7 +208,7 @@ def _encode(ray_tune, config: StudyConfig, datasets: list, weights: dict, contex
         for key in totals:
             totals[key] += counts[key]
 
-    ray_tune.run_encode(jobs, context.cache_root, progress)
+    workers.encode(jobs, context.cache_root, progress)
     bar.close()
     print(f"Embedding cache: {totals['misses']} encoded, {totals['hits']} reused, "
           f"{totals['corrupt']} corrupt entries re-encoded", flush=True)
@@ -207,15 +219,30 @@ def epoch_metrics(result: dict) -> dict[str, float]:
     return {logged: float(result[key]) for key, logged in EPOCH_METRICS.items() if key in result}
 
 
-def _finish(tracker: StudyTracker, record: dict) -> None:
-    folder = Path(tracker.study_dir) / "results" / "trials" / record["trial_id"]
-    artifacts = {name: folder / name for name in ("per_image.csv", "per_subject.csv", "history.csv") if (folder / name).exists()}
-    if (folder / "checkpoint" / "best_decoder.pt").exists():
-        artifacts["checkpoint/best_decoder.pt"] = folder / "checkpoint" / "best_decoder.pt"
-    status = "FAILED" if record["status"] == "ERROR" else "FINISHED"
-    summary = record.get("summary", {})
-    tracker.finish_trial(record["trial_id"], status, {k: summary[k] for k in FINAL_METRICS if summary.get(k) is not None},
-                         artifacts=artifacts, reason=record.get("reason"), trial_status=record["status"])
+def _finish(tracker: StudyTracker, entry: TrialEntry) -> None:
+    """Show a final ledger entry in MLflow: its metrics, tables and checkpoint, and its status."""
+    folder = TrialLedger(tracker.study_dir).folder(entry.trial_id)
+    artifacts = {name: folder / name for name in ("per_image.csv", "per_subject.csv", "history.csv")
+                 if (folder / name).exists()}
+    if (folder / "checkpoint" / BEST_DECODER_FILE).exists():
+        artifacts[f"checkpoint/{BEST_DECODER_FILE}"] = folder / "checkpoint" / BEST_DECODER_FILE
+    tracker.finish_trial(entry.trial_id, RUN_STATUS[entry.status],
+                         {k: entry.summary[k] for k in FINAL_METRICS if entry.summary.get(k) is not None},
+                         artifacts=artifacts, reason=entry.reason, trial_status=str(entry.status))
+
+
+def _open_run(tracker: StudyTracker, name: str, stage: str, params: dict, info: dict) -> None:
+    """The trial's MLflow run, created or reopened, with its params."""
+    tracker.trial_run(name, stage, _trial_params(params, info[params["backbone"]]))
+
+
+def _show_ledger_in_mlflow(context, tracker: StudyTracker, info: dict) -> None:
+    """MLflow as a view of the ledger: every final entry whose run does not show its status yet
+    (a driver killed between the two writes, say) is shown now."""
+    for entry in TrialLedger(context.study_dir).entries():
+        if entry.final and tracker.trial_status(entry.trial_id) != str(entry.status):
+            _open_run(tracker, entry.trial_id, entry.stage, entry.params, info)
+            _finish(tracker, entry)
 
 
 def zero_shot_runs(config: StudyConfig) -> list[tuple[str, str, str | None]]:
@@ -224,51 +251,66 @@ def zero_shot_runs(config: StudyConfig) -> list[tuple[str, str, str | None]]:
     return [(b, p, t) for t in targets for b in config.factors.backbone for p in config.factors.eval_prompts()]
 
 
-def _zero_shot(ray_tune, config: StudyConfig, context, tracker: StudyTracker, info: dict) -> None:
+def _zero_shot(workers, config: StudyConfig, context, tracker: StudyTracker, info: dict) -> None:
     pairs = zero_shot_runs(config)
+    ledger = TrialLedger(context.study_dir)
     for backbone, prompt, target in pairs:
         params = {"backbone": backbone, "prompt": prompt, **({"target": target} if target else {})}
-        tracker.trial_run(zero_shot_id(backbone, prompt, target), "zero_shot", _trial_params(params, info[backbone]))
+        name = zero_shot_id(backbone, prompt, target)
+        ledger.plan(name, "zero_shot", params)
+        _open_run(tracker, name, "zero_shot", params, info)
     bar = tqdm(total=len(pairs), desc="zero-shot", unit="eval")
+    errors: list[TrialEntry] = []
 
-    def on_result(record: dict) -> None:
-        _finish(tracker, record)
+    def on_result(entry: TrialEntry) -> None:
+        _finish(tracker, entry)
+        if entry.user_error:
+            errors.append(entry)
         bar.update(1)
 
-    ray_tune.run_zero_shot(pairs, context, on_result)
+    workers.zero_shot(pairs, context, on_result)
     bar.close()
+    if errors:
+        raise UserError(errors[0].reason)
 
 
 def _tune(ray_tune, config: StudyConfig, plan, context, tracker: StudyTracker, info: dict) -> None:
+    ledger = TrialLedger(context.study_dir)
     last_epoch: dict[str, int] = {}
-    stopped: list[dict] = []
+    if plan.algorithm != "optuna":  # the whole trial list is known: every trial starts PENDING
+        for params in plan_trials(plan):
+            ledger.plan(trial_id(params), "finetune", params)
 
     def on_start(params: dict) -> None:
-        tracker.trial_run(trial_id(params), "finetune", _trial_params(params, info[params["backbone"]]))
+        _open_run(tracker, trial_id(params), "finetune", params, info)
 
     def on_epoch(params: dict, result: dict) -> None:
         name = trial_id(params)
         last_epoch[name] = int(result["epoch"])
         tracker.log_epoch(name, epoch_metrics(result), step=int(result["epoch"]))
 
-    def on_end(params: dict, error: str | None) -> None:
-        name = trial_id(params)
-        folder = context.trial_dir(name)
-        record = stages.read_result(folder)
-        if record:
-            _finish(tracker, record)
-        elif error:
-            tracker.finish_trial(name, "FAILED", {}, reason=error)
-        else:  # the scheduler stopped it early: evaluate its best epoch on test after the search
-            stages.mark_stopped(folder, last_epoch.get(name, 0))
-            stopped.append(params)
+    def on_crash(params: dict, reason: str) -> None:
+        ledger.crashed(trial_id(params), reason)
 
-    ray_tune.run_tune(plan, context, cpus=config.resources.cpus_per_trial, gpus=config.resources.gpus_per_trial,
-                      max_concurrent=config.resources.max_concurrent, max_failures=config.resources.max_failures,
-                      on_start=on_start, on_epoch=on_epoch, on_end=on_end)
-    if stopped:
-        print(f"Evaluating {len(stopped)} trial(s) the scheduler stopped early on test.", flush=True)
-        ray_tune.run_finalise(stopped, context, lambda record: _finish(tracker, record))
+    def on_end(params: dict, error: str | None, user_error: bool, finalised: bool = False) -> str | None:
+        name = trial_id(params)
+        entry = ledger.read(name)
+        if error and not (entry and entry.final):  # its worker failed on every attempt
+            entry = ledger.fail(name, error, user_error=user_error, params=params)
+        if entry is None or not entry.final:  # the scheduler stopped it: test its best epoch now
+            ledger.stopped(name, last_epoch.get(name) or (entry.stop_after if entry else 0) or 0)
+            return "finalise"
+        _finish(tracker, entry)
+        return "user_error" if entry.user_error else None
+
+    handlers = ray_tune.TrialHandlers(on_start=on_start, on_epoch=on_epoch, on_end=on_end, on_crash=on_crash,
+                                      on_finalised=lambda entry: _finish(tracker, entry))
+    outcome = ray_tune.run_tune(plan, context, cpus=config.resources.cpus_per_trial,
+                                gpus=config.resources.gpus_per_trial, max_concurrent=config.resources.max_concurrent,
+                                max_failures=config.resources.max_failures, handlers=handlers)
+    if outcome == "user_error":
+        failed = next(e for e in ledger.entries() if e.user_error)
+        raise UserError(failed.reason)
 
 
 def _report(config: StudyConfig, study_dir: Path, tracker: StudyTracker) -> Path | None:

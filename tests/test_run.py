@@ -125,7 +125,7 @@ def test_the_runner_pieces_route_each_target_to_its_store_and_encode_shared_imag
 
     import pandas as pd
 
-    import trainables.decoder
+    import trainables.trial
     from search_spaces.space import trial_id
     from study.plan import search_plan, study_axes
     from study import stages
@@ -157,22 +157,22 @@ def test_the_runner_pieces_route_each_target_to_its_store_and_encode_shared_imag
         trial_id, stage, per_image, per_subject, history, predictions = "", "zero_shot", [], [], [], {}
         summary = {"test_dice": 0.5}
 
-    def fake_run_trial(spec, prepared_root, cache_root, **_):
-        opened.append((spec.trial_id, Path(prepared_root)))
+    def fake_run_trial(spec, dataset, cache_root, **_):
+        opened.append((spec.trial_id, Path(dataset.root)))
         result = Result()
         result.trial_id, result.stage = spec.trial_id, spec.stage
         return result
 
-    monkeypatch.setattr(trainables.decoder, "run_trial", fake_run_trial)
-    record = stages.zero_shot("litemedsam", "box", context, target="tumor_core")
-    assert record["trial_id"] == "zs-litemedsam-box-tumor_core" and record["params"]["target"] == "tumor_core"
+    monkeypatch.setattr(trainables.trial, "run_trial", fake_run_trial)
+    entry = stages.zero_shot("litemedsam", "box", context, target="tumor_core")
+    assert entry.trial_id == "zs-litemedsam-box-tumor_core" and entry.params["target"] == "tumor_core"
     stages.finetune({**trials[1], "epochs": 1}, context, report=lambda metrics: None)
     assert opened == [("zs-litemedsam-box-tumor_core", datasets[1].root),
                       (trial_id({**trials[1], "epochs": 1}), datasets[1].root)]
     stages.collect_results(tmp_path, list(study_axes(config)), {})
     table = pd.read_csv(tmp_path / "results" / "trials.csv")
     assert list(table.columns[4:6]) == ["image_encoder_params", "target"] and set(table["target"]) == {"tumor_core"}
-    assert json.loads((tmp_path / "results" / "trials" / record["trial_id"] / "result.json").read_text())["params"][
+    assert json.loads((tmp_path / "results" / "trials" / entry.trial_id / "trial.json").read_text())["params"][
         "target"] == "tumor_core"
 
 
@@ -198,3 +198,20 @@ def test_a_second_driver_on_a_running_study_stops_with_a_clear_error(phantom_roo
     assert not (study_dir / "resolved.yaml").exists()  # the second driver touched nothing
     with study_lock(study_dir):  # released by the first: it can be taken again
         pass
+
+
+@pytest.mark.parametrize("bad", ["checkpoint", "prompts"])
+def test_a_corrupt_checkpoint_or_prompts_file_stops_the_study_before_any_worker(phantom_root, tmp_path, capsys, bad):
+    """Checked on the driver before the study folder is claimed and before Ray starts: one paragraph
+    naming the file, exit code 2, no traceback."""
+    broken = tmp_path / ("litemedsam.pth" if bad == "checkpoint" else "prompts.json")
+    broken.write_bytes(b"PK\x03\x04 half a download" if bad == "checkpoint" else b'{"case_001": {"boxes": [[1, 2')
+    sections = ({"weights": {"files": {"litemedsam": str(broken)}}} if bad == "checkpoint"
+                else {"prompts": {"file": str(broken)}})
+    path = example_pointed_at(phantom_root, tmp_path, factors={"backbone": "litemedsam"}, study={"name": bad},
+                              **sections)
+    assert main([str(path)]) == 2
+    captured = capsys.readouterr()
+    assert str(broken) in captured.err and "Traceback" not in captured.err + captured.out
+    assert len(captured.err.strip().splitlines()) == 1  # one paragraph
+    assert not (tmp_path / "runs" / bad / "resolved.yaml").exists()

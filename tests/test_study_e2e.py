@@ -5,8 +5,10 @@ short epochs. The prepared store and the embedding cache are shared by every stu
 the encoder runs once for the whole module.
 """
 
+import json
 import os
 import signal
+import threading
 import subprocess
 import sys
 import time
@@ -129,35 +131,72 @@ def test_a_study_runs_on_two_nodes_and_leaves_every_trial_in_mlflow(cluster, sha
     assert (study / "tune").is_dir()
 
 
-def test_a_killed_study_resumes_without_rerunning_finished_trials(cluster, shared, tmp_path):
+def final_entries(study: Path) -> dict[str, int]:
+    """Trial id -> the mtime of its ledger entry, for the trials whose entry is final."""
+    out = {}
+    for path in (study / "results" / "trials").glob("*/trial.json"):
+        try:
+            if json.loads(path.read_text())["status"] in ("TERMINATED", "STOPPED_EARLY", "ERROR"):
+                out[path.parent.name] = path.stat().st_mtime_ns
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def start_driver(grid: Path, cluster) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "study.run", str(grid), "--address", cluster.address],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_when(driver: subprocess.Popen, ready, what: str, timeout: float = 420) -> bool:
+    """SIGKILL the driver (and its process group) once `ready()`; False when it ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ready():
+        if driver.poll() is not None:
+            return False
+        time.sleep(0.05)
+    assert ready(), f"timed out waiting for {what}"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    return True
+
+
+def test_a_driver_killed_during_encode_a_trial_and_the_report_resumes_without_rerunning(cluster, shared, tmp_path):
+    """SIGKILL of the driver at three moments, then the same command: every trial once in trials.csv,
+    none re-run after it finished, one MLflow run each, none left RUNNING."""
     grid = write_grid(tmp_path, shared, "resume", baseline={"zero_shot": False},
+                      study={"cache_dir": str(tmp_path / "cache")},  # its own cache: the encode stage has work
+                      data={"augment": {"views": 2}},
                       factors={"optimizer": ["adam", "adamw", "sgd"], "loss": ["dice", "dice_bce"]},
                       resources={"max_concurrent": 1})
     study = tmp_path / "runs" / "resume"
-    trial_folders = study / "results" / "trials"
-    driver = subprocess.Popen([sys.executable, "-m", "study.run", str(grid), "--address", cluster.address],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 420
-    while time.time() < deadline and len(list(trial_folders.glob("*/result.json"))) < 2:
-        assert driver.poll() is None, "the driver ended before it could be killed"
-        time.sleep(1)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    finished = {p.parent.name: p.stat().st_mtime_ns for p in trial_folders.glob("*/result.json")}
-    assert 2 <= len(finished) < 6
+    cache = tmp_path / "cache"
+
+    def encoding() -> bool:
+        return any(cache.glob("embeddings/*/*/*/meta.json")) or any(cache.glob("embeddings/**/meta.json"))
+
+    assert kill_when(start_driver(grid, cluster), encoding, "the encode stage")
+    assert not final_entries(study), "killed during encode: no trial had finished"
+    kill_when(start_driver(grid, cluster), lambda: len(final_entries(study)) >= 2, "two finished trials")
+    mid = final_entries(study)
+    assert 2 <= len(mid) < 6
+    (study / "results" / "trials.csv").unlink(missing_ok=True)
+    kill_when(start_driver(grid, cluster), lambda: (study / "results" / "trials.csv").exists(), "the report stage")
+    before_last = final_entries(study)
 
     assert main([str(grid), "--address", cluster.address]) == 0
-    for name, mtime in finished.items():  # finished trials were not run again
-        assert (trial_folders / name / "result.json").stat().st_mtime_ns == mtime
+    after = final_entries(study)
+    for name, mtime in before_last.items():  # finished trials were not run again
+        assert after[name] == mtime, name
     trials = trials_table(study)
-    assert len(trials) == 6 and (trials["status"] == "TERMINATED").all()
+    assert len(trials) == 6 and trials["trial_id"].is_unique and (trials["status"] == "TERMINATED").all()
     client, runs = mlflow_runs(study)
     assert len(runs) == 6 + 1  # one run per trial, plus the parent
     assert all(run.info.status != "RUNNING" for run in runs)
     for run in runs:
         if run.data.tags.get("sam_study.role") == "trial":
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")]
-            assert sorted(set(steps)) == sorted(steps), "no duplicate metric steps"
+            assert sorted(steps) == [1, 2], "every epoch logged once"
 
 
 def test_asha_stops_some_trials_early_and_still_evaluates_them(cluster, shared, tmp_path):
@@ -177,6 +216,7 @@ def test_asha_stops_some_trials_early_and_still_evaluates_them(cluster, shared, 
     assert len(trials) == 4
     stopped = trials[trials["epochs_run"] < 4]
     assert len(stopped) >= 1 and (stopped["status"] == "STOPPED_EARLY").all()
+    assert (trials.loc[trials["epochs_run"] == 4, "status"] == "TERMINATED").all()  # max_t is plainly done
     assert set(stopped["lr"]) >= {3.0e-6, 1.0e-6}  # the weakest are cut at the first rung
     assert trials.loc[trials["lr"] == 3.0e-4, "epochs_run"].item() == 4  # the first, strongest runs to max_t
     assert trials["test_dice"].notna().all()
@@ -190,7 +230,7 @@ def test_optuna_proposals_stay_in_range_and_its_state_survives_a_resume(cluster,
     driver = subprocess.Popen([sys.executable, "-m", "study.run", str(grid), "--address", cluster.address],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 420
-    while time.time() < deadline and not list((study / "results" / "trials").glob("*/result.json")):
+    while time.time() < deadline and not final_entries(study):
         assert driver.poll() is None
         time.sleep(1)
     os.killpg(driver.pid, signal.SIGKILL)
@@ -205,3 +245,76 @@ def test_optuna_proposals_stay_in_range_and_its_state_survives_a_resume(cluster,
     assert trials["lr"].between(1.0e-5, 1.0e-3).all()
     assert trials["lr"].nunique() == 4
 
+
+
+def test_worker_faults_a_lost_node_and_a_failing_trial(cluster, shared, tmp_path, capsys):
+    """On two nodes: a trial that raises on every attempt ends as an ERROR row with its reason (in
+    trials.csv and MLflow) and the study finishes; a truncated state.pt is discarded and its trial
+    recovers; a trial's worker killed mid-epoch resumes from its checkpoint; when a worker node is
+    removed mid-study its trials finish on the other node. Last in this module: it removes a node."""
+    from search_spaces.space import trial_id
+    from study.config import load_config
+    from study.plan import search_plan
+
+    grid = write_grid(tmp_path, shared, "faults", baseline={"zero_shot": False},
+                      factors={"optimizer": ["adam", "adamw"], "loss": ["dice", "dice_bce"], "epochs": 3},
+                      resources={"max_concurrent": 2, "max_failures": 2})
+    study = tmp_path / "runs" / "faults"
+    cells = search_plan(load_config(grid)).cells
+    trials = {cell["optimizer"]: trial_id({**cell, "seed": 0}) for cell in cells if cell["loss"] == "dice"}
+    folders = study / "results" / "trials"
+    (folders / trials["adam"]).mkdir(parents=True)
+    (folders / trials["adam"] / "checkpoint").write_text("a file where the checkpoint folder goes")  # every attempt fails
+    (folders / trials["adamw"] / "checkpoint").mkdir(parents=True)
+    (folders / trials["adamw"] / "checkpoint" / "state.pt").write_bytes(b"PK\x03\x04 truncated")
+    head = cluster.head_node.node_id
+    events = {}
+
+    def entries():
+        out = {}
+        for path in folders.glob("*/trial.json"):
+            try:
+                out[path.parent.name] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def inject_faults():
+        deadline = time.time() + 400
+        while time.time() < deadline and len(events) < 2:
+            for name, entry in entries().items():
+                running = entry["status"] == "RUNNING" and name != trials["adam"]
+                if running and "killed" not in events and (folders / name / "checkpoint" / "state.pt").exists():
+                    os.kill(entry["pid"], signal.SIGKILL)  # the trial's worker, mid-epoch
+                    events["killed"] = name
+                elif running and "removed" not in events and name != events.get("killed") and entry["node"] != head:
+                    node = next(n for n in cluster.worker_nodes if n.node_id == entry["node"])
+                    cluster.remove_node(node)
+                    events["removed"] = name
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=inject_faults, daemon=True)
+    watcher.start()
+    assert main([str(grid), "--address", cluster.address]) == 0
+    watcher.join(timeout=5)
+    out = capsys.readouterr().out
+    assert set(events) == {"killed", "removed"}, events
+
+    table = trials_table(study).set_index("trial_id")
+    assert len(table) == len(cells) == 4
+    failed = table.loc[trials["adam"]]
+    assert failed["status"] == "ERROR" and "FileExistsError" in failed["reason"] and failed["attempts"] == 3
+    assert "1 trial(s) failed" in out and "Traceback" not in out
+    others = table.drop(index=trials["adam"])
+    assert (others["status"] == "TERMINATED").all() and (others["epochs_run"] == 3).all()
+    assert (folders / trials["adamw"] / "checkpoint" / "state.pt.unreadable").exists()  # discarded, kept aside
+    assert table.loc[events["killed"], "attempts"] == 2
+    assert table.loc[events["removed"], "node"] == head and table.loc[events["removed"], "attempts"] == 2
+    history = pd.read_csv(study / "results" / "history.csv")
+    assert sorted(history.loc[history["trial_id"] == events["killed"], "epoch"]) == [1, 2, 3]  # resumed, not redone
+
+    _, runs = mlflow_runs(study)
+    trial_runs = {run.data.tags["sam_study.trial_id"]: run for run in runs if run.data.tags.get("sam_study.role") == "trial"}
+    assert len(trial_runs) == 4 and all(run.info.status != "RUNNING" for run in runs)
+    assert trial_runs[trials["adam"]].info.status == "FAILED"
+    assert "FileExistsError" in trial_runs[trials["adam"]].data.tags["sam_study.failure_reason"]

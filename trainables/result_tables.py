@@ -5,7 +5,7 @@ study's tables without importing the training code.
 
 per-image: grid.example.yaml's per_image.csv plus the seed, hd95_mm, hd95_penalised (1 where HD95
 is the empty-mask penalty) and nsd; the metric definitions are in `trainables.metrics`.
-per-subject: 3D metrics over a test subject's stacked slices (`trainables.decoder.subject_rows`).
+per-subject: 3D metrics over a test subject's stacked slices (`trainables.evaluation.subject_rows`).
 """
 
 PER_IMAGE_COLUMNS = ("trial_id", "stage", "seed", "image_id", "subject", "slice", "area", "prompt",

@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from trainables import decoder
+from foundation.embedding_cache import EmbeddingCache
+from trainables import fine_tune as fine_tune_module
 from trainables.backbones import build_backbone, resolve_weights
-from trainables.decoder import (
-    DecoderFineTune,
-    EncoderInTheLoop,
-    TrialFailed,
-    TrialSpec,
-    run_trial,
-)
+from trainables.decoding import decode_rows, rows_for
+from trainables.fine_tune import DecoderFineTune, EncoderInTheLoop, TrialFailed, TrialSpec
+from trainables.residency import Residency
+from trainables.trial import run_trial
 from trainables.prompts import Prompt
 from trainables.result_tables import PER_IMAGE_COLUMNS
 
@@ -48,15 +46,15 @@ def real_runs(phantom_dataset, litemedsam_weights):
     epochs_seen = []
     runs = {
         "box": run_trial(dataclasses.replace(base, trial_id="zs-box", stage="zero_shot", prompt="box"),
-                         dataset.root, config.cache_dir),
+                         dataset, config.cache_dir),
         "center": run_trial(dataclasses.replace(base, trial_id="zs-center", stage="zero_shot", prompt="center_point",
                                                 eval_prompts=("center_point", "box")),
-                            dataset.root, config.cache_dir),
+                            dataset, config.cache_dir),
         # A single point takes the three-mask path (lowest loss, IoU head trained), whose masks
         # start empty for LiteMedSAM: lr 1e-3 gets it out of there in 3 epochs (1e-4 needs about 10).
         "finetune": run_trial(dataclasses.replace(base, trial_id="ft-center", prompt="center_point", epochs=3,
                                                   lr=1e-3, batch_size=4),
-                              dataset.root, config.cache_dir, on_epoch=lambda m, d: epochs_seen.append((m, d))),
+                              dataset, config.cache_dir, on_epoch=epochs_seen.append),
     }
     return runs, epochs_seen
 
@@ -79,7 +77,7 @@ def test_center_point_fine_tuning_raises_test_dice_above_zero_shot(real_runs):
     history = runs["finetune"].history
     assert [row["epoch"] for row in history] == [1, 2, 3]
     assert all(set(row) == HISTORY_KEYS and all(math.isfinite(v) for v in row.values()) for row in history)
-    assert [m for m, _ in epochs_seen] == history and all(d is None for _, d in epochs_seen)
+    assert epochs_seen == history
     best = runs["finetune"].summary["best_epoch"]
     assert runs["finetune"].summary["val_dice"] == max(row["val_dice"] for row in history) == history[best - 1]["val_dice"]
 
@@ -116,10 +114,9 @@ def test_each_eval_prompt_gets_rows_and_eval_prompts_are_the_same_in_every_trial
 @pytest.mark.slow
 def test_features_from_the_encoder_in_the_loop_equal_the_cached_ones(phantom_dataset, litemedsam_weights, real_runs):
     config, dataset = phantom_dataset
-    spec = TrialSpec(trial_id="x", backbone="litemedsam", weights=litemedsam_weights)
-    backbone = decoder.resident_backbone(spec)
+    backbone = build_backbone("litemedsam", litemedsam_weights)
     records = dataset.records_for("val")[:2]
-    cached = decoder.EmbeddingCache.for_backbone(config.cache_dir, backbone, dataset.key).load_batch(records)
+    cached = EmbeddingCache.for_backbone(config.cache_dir, backbone, dataset.key).load_batch(records)
     in_loop = EncoderInTheLoop(backbone, dataset).batch(records, "cpu")
     # One image alone when cached, two together in the loop: equal up to float16 rounding.
     torch.testing.assert_close(in_loop["image_embed"], cached["image_embed"], rtol=1e-2, atol=1e-2)
@@ -144,23 +141,26 @@ def test_random_backbones_train_with_every_option(backbone, phantom_dataset):
     spec = _small_spec(trial_id=f"opts-{backbone}", backbone=backbone, prompt="box_per_component",
                        eval_prompts=("box_per_component", "points_pos_neg"), multimask="best_iou", grad_accum=2,
                        swa=True, iou_loss_weight=0.5, schedule="cosine", warmup_epochs=1)
-    backbone = decoder.resident_backbone(spec)
+    residency = Residency()
+    backbone = residency.backbone(spec.backbone, spec.weights, spec.input_size, spec.device, image_encoder=True)
     pristine = backbone.decoder_state_dict()
-    result = run_trial(spec, dataset.root, config.cache_dir)
+    result = run_trial(spec, dataset, config.cache_dir, residency=residency)
     assert len(result.history) == 1 and all(math.isfinite(v) for v in result.history[0].values())
     assert {row["prompt"] for row in result.per_image} == {"box_per_component", "points_pos_neg"}
     assert len(result.per_image) == 2 * len(dataset.records_for("test"))
     assert _differs(pristine, backbone.decoder_state_dict())  # it trained (and kept the SWA weights)
-    assert decoder.resident_backbone(spec) is backbone  # the next trial gets the built weights back
+    assert residency.backbone(spec.backbone, spec.weights, spec.input_size, spec.device) is backbone  # reused,
+    # and the next trial gets the built weights back
     assert not _differs(pristine, backbone.decoder_state_dict())
 
 
 def test_training_changes_the_decoder_but_not_the_frozen_parts(phantom_dataset):
     config, dataset = phantom_dataset
     spec = _small_spec(backbone="sam2_t", trial_id="frozen", epochs=1)
-    backbone = decoder.resident_backbone(spec)
+    residency = Residency()
+    backbone = residency.backbone(spec.backbone, spec.weights, spec.input_size, spec.device)
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
-    run_trial(spec, dataset.root, config.cache_dir, checkpoint_dir=None)
+    run_trial(spec, dataset, config.cache_dir, residency=residency)
     after = backbone.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("sam_mask_decoder.") for k in changed)
@@ -172,19 +172,19 @@ def test_box_per_component_unites_the_masks_of_its_boxes(phantom_dataset):
     config, dataset = phantom_dataset
     backbone = build_backbone("sam_b", "random", input_size=SMALL)
     records = dataset.records_for("val")[:2]
-    cache = decoder.EmbeddingCache.for_backbone(config.cache_dir, backbone, dataset.key)
+    cache = EmbeddingCache.for_backbone(config.cache_dir, backbone, dataset.key)
     cache.ensure(backbone, dataset, records, progress=False)
     features = cache.load_batch(records)
     boxes = np.array([[10, 10, 40, 50], [70, 60, 120, 100]], np.float32)
     prompts = [Prompt(boxes=boxes), Prompt(points=[[64, 64]], point_labels=[1])]
     hw = (records[0].height, records[0].width)
     with torch.no_grad():
-        united, _ = decoder._decode(backbone, features, decoder._rows_for(prompts, [hw, hw], backbone), 2, "single", "cpu")
-        alone = [decoder._decode(backbone, {k: v[:1] for k, v in features.items()},
-                                 decoder._rows_for([Prompt(boxes=box[None])], [hw], backbone), 1, "single", "cpu")[0]
+        united, _ = decode_rows(backbone, features, rows_for(prompts, [hw, hw], backbone), 2, "single", "cpu")
+        alone = [decode_rows(backbone, {k: v[:1] for k, v in features.items()},
+                                 rows_for([Prompt(boxes=box[None])], [hw], backbone), 1, "single", "cpu")[0]
                  for box in boxes]
-        point, _ = decoder._decode(backbone, {k: v[1:] for k, v in features.items()},
-                                   decoder._rows_for(prompts[1:], [hw], backbone), 1, "single", "cpu")
+        point, _ = decode_rows(backbone, {k: v[1:] for k, v in features.items()},
+                                   rows_for(prompts[1:], [hw], backbone), 1, "single", "cpu")
     torch.testing.assert_close(united[0], torch.maximum(alone[0][0], alone[1][0]))
     torch.testing.assert_close(united[1], point[0])
 
@@ -192,17 +192,17 @@ def test_box_per_component_unites_the_masks_of_its_boxes(phantom_dataset):
 def test_checkpoint_resume_continues_from_the_next_epoch(phantom_dataset, tmp_path):
     config, dataset = phantom_dataset
     spec = _small_spec(trial_id="resume", optimizer="adam")
-    first = run_trial(spec, dataset.root, config.cache_dir, checkpoint_dir=tmp_path / "ckpt")
+    first = run_trial(spec, dataset, config.cache_dir, checkpoint_dir=tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "state.pt").is_file() and (tmp_path / "ckpt" / "best_decoder.pt").is_file()
     reported = []
     longer = dataclasses.replace(spec, epochs=2)
-    resumed = run_trial(longer, dataset.root, config.cache_dir, checkpoint_dir=tmp_path / "ckpt",
-                        on_epoch=lambda m, d: reported.append((m["epoch"], d)))
+    resumed = run_trial(longer, dataset, config.cache_dir, checkpoint_dir=tmp_path / "ckpt",
+                        on_epoch=lambda m: reported.append(m["epoch"]))
     assert resumed.history[0] == first.history[0]
     assert [row["epoch"] for row in resumed.history] == [1, 2] and resumed.summary["epochs_run"] == 2
-    assert reported == [(2, tmp_path / "ckpt")]
+    assert reported == [2]
     # Epoch 2 after a resume is the epoch 2 of an uninterrupted run.
-    straight = run_trial(longer, dataset.root, config.cache_dir, checkpoint_dir=tmp_path / "straight")
+    straight = run_trial(longer, dataset, config.cache_dir, checkpoint_dir=tmp_path / "straight")
     assert _without_seconds(resumed.history) == _without_seconds(straight.history)
     assert [row["dice"] for row in resumed.per_image] == [row["dice"] for row in straight.per_image]
 
@@ -215,37 +215,49 @@ def test_a_non_finite_loss_fails_the_trial_naming_it_and_the_epoch(phantom_datas
             return logits.mean() * float("nan")
         return loss
 
-    monkeypatch.setattr(decoder, "build_loss", exploding_loss)
+    monkeypatch.setattr(fine_tune_module, "build_loss", exploding_loss)
     spec = _small_spec(trial_id="trial-that-explodes", epochs=2)
-    backbone = decoder.resident_backbone(spec)
+    residency = Residency()
+    backbone = residency.backbone(spec.backbone, spec.weights, spec.input_size, spec.device)
     pristine = backbone.decoder_state_dict()
     with pytest.raises(TrialFailed, match=r"trial trial-that-explodes: .*nan at epoch 1\b"):
-        run_trial(spec, dataset.root, config.cache_dir)
+        run_trial(spec, dataset, config.cache_dir, residency=residency)
     assert not _differs(pristine, backbone.decoder_state_dict())  # stopped before the optimizer step
 
 
 def test_a_second_trial_in_the_process_starts_from_the_built_weights(phantom_dataset):
     config, dataset = phantom_dataset
-    decoder.release_resident()
+    residency = Residency()
     other = _small_spec(trial_id="first", prompt="center_point", epochs=2, lr=1e-2)
     second = _small_spec(trial_id="second", prompt="box", epochs=1)
-    run_trial(other, dataset.root, config.cache_dir)
-    backbone = decoder.resident_backbone(second)
-    after_first = run_trial(second, dataset.root, config.cache_dir)
-    assert decoder.resident_backbone(second) is backbone  # the same built model, reused
+    run_trial(other, dataset, config.cache_dir, residency=residency)
+    backbone = residency.backbone(second.backbone, second.weights, second.input_size, second.device)
+    after_first = run_trial(second, dataset, config.cache_dir, residency=residency)
+    assert residency.backbone(second.backbone, second.weights, second.input_size, second.device) is backbone
     assert after_first.summary["cache"]["from_memory"]  # and the embeddings stayed in RAM
-    decoder.release_resident()
-    alone = run_trial(second, dataset.root, config.cache_dir)
+    alone = run_trial(second, dataset, config.cache_dir)
     assert not alone.summary["cache"]["from_memory"]
     assert _without_seconds(after_first.history) == _without_seconds(alone.history)
     assert [r["dice"] for r in after_first.per_image] == [r["dice"] for r in alone.per_image]
 
 
-def test_without_residency_nothing_is_kept(phantom_dataset):
+def test_a_trial_without_its_image_encoder_holds_only_the_prompt_encoder_and_decoder(phantom_dataset):
+    """A study's trial (image_encoder False) keeps no image-encoder weights on its device, and
+    trains and scores exactly as one built with its encoder."""
     config, dataset = phantom_dataset
-    decoder.release_resident()
-    run_trial(_small_spec(trial_id="plain"), dataset.root, config.cache_dir, keep_resident=False)
-    assert not decoder._RESIDENT_BACKBONES and not decoder._RESIDENT_EMBEDDINGS and not decoder._RESIDENT_MASKS
+    residency = Residency()
+    spec = _small_spec(trial_id="no-encoder", backbone="sam_b", image_encoder=False)
+    result = run_trial(spec, dataset, config.cache_dir, residency=residency)
+    backbone = residency.backbone(spec.backbone, spec.weights, spec.input_size, spec.device, image_encoder=False)
+    held = sum(p.numel() for p in backbone.model.parameters())
+    parts = backbone.spec.params
+    assert backbone.param_counts()["image_encoder"] == 0
+    assert held == parts.prompt_encoder + parts.mask_decoder + parts.other < parts.image_encoder / 10
+    with pytest.raises(RuntimeError, match="without its image encoder"):
+        backbone.encode(torch.zeros(1, 3, SMALL, SMALL))
+    full = run_trial(dataclasses.replace(spec, image_encoder=True), dataset, config.cache_dir)
+    assert _without_seconds(result.history) == _without_seconds(full.history)
+    assert [r["dice"] for r in result.per_image] == [r["dice"] for r in full.per_image]
 
 
 def test_fine_tune_pieces_logits_are_at_the_original_resolution(phantom_dataset):
@@ -270,14 +282,14 @@ def test_a_trial_killed_after_an_epoch_resumes_exactly(phantom_dataset, tmp_path
     config, dataset = phantom_dataset
     spec = _small_spec(trial_id="crash", optimizer="sgd", schedule="cosine", warmup_epochs=1, epochs=3)
 
-    def crash_after_epoch_1(metrics, folder):
+    def crash_after_epoch_1(metrics):
         if metrics["epoch"] == 1:
             raise _Crash
 
     with pytest.raises(_Crash):
-        run_trial(spec, dataset.root, config.cache_dir, checkpoint_dir=tmp_path / "a", on_epoch=crash_after_epoch_1)
-    resumed = run_trial(spec, dataset.root, config.cache_dir, checkpoint_dir=tmp_path / "a")
-    straight = run_trial(spec, dataset.root, config.cache_dir, checkpoint_dir=tmp_path / "b")
+        run_trial(spec, dataset, config.cache_dir, checkpoint_dir=tmp_path / "a", on_epoch=crash_after_epoch_1)
+    resumed = run_trial(spec, dataset, config.cache_dir, checkpoint_dir=tmp_path / "a")
+    straight = run_trial(spec, dataset, config.cache_dir, checkpoint_dir=tmp_path / "b")
     assert _without_seconds(resumed.history) == _without_seconds(straight.history)
     assert resumed.summary["best_epoch"] == straight.summary["best_epoch"]
     assert [row["dice"] for row in resumed.per_image] == [row["dice"] for row in straight.per_image]

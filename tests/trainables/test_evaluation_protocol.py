@@ -11,9 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from trainables import decoder
+from foundation.embedding_cache import EmbeddingCache
+from trainables import fine_tune as fine_tune_module
 from trainables.backbones import build_backbone
-from trainables.decoder import DecoderFineTune, TrialSpec, lowest_loss, run_trial
+from trainables.decoding import decode_rows, lowest_loss, rows_for
+from trainables.fine_tune import DecoderFineTune, MappedEmbeddings, TrialSpec
+from trainables.residency import build
+from trainables.trial import run_trial
 from trainables.losses import build_loss
 from trainables.prompts import Prompt
 
@@ -28,10 +32,10 @@ def _spec(**overrides) -> TrialSpec:
 def _fine_tune(spec: TrialSpec, phantom_dataset, **kwargs) -> DecoderFineTune:
     """The trial's fine-tune object on the fixture, its training images' embeddings cached."""
     config, dataset = phantom_dataset
-    backbone = decoder.resident_backbone(spec)
-    cache = decoder.EmbeddingCache.for_backbone(config.cache_dir, backbone, dataset.key)
+    backbone = build(spec.backbone, spec.weights, spec.input_size, spec.device)
+    cache = EmbeddingCache.for_backbone(config.cache_dir, backbone, dataset.key)
     cache.ensure(backbone, dataset, dataset.records_for("train", views=True), progress=False)
-    return DecoderFineTune(spec, dataset, backbone, decoder.MappedEmbeddings(cache), **kwargs)
+    return DecoderFineTune(spec, dataset, backbone, MappedEmbeddings(cache), **kwargs)
 
 
 def test_single_point_evaluation_keeps_the_mask_sam_predictor_ranks_first(phantom_dataset):
@@ -50,11 +54,11 @@ def test_single_point_evaluation_keeps_the_mask_sam_predictor_ranks_first(phanto
     best = int(np.argmax(scores))
 
     hw = (record.height, record.width)
-    rows = decoder._rows_for([Prompt(points=point, point_labels=[1])], [hw], backbone)
+    rows = rows_for([Prompt(points=point, point_labels=[1])], [hw], backbone)
     features = {"image_embed": predictor.features}
     with torch.no_grad():
-        logits, iou = decoder._decode(backbone, features, rows, 1, "single", "cpu", single_point="best_iou")
-        single, _ = decoder._decode(backbone, features, rows, 1, "single", "cpu")
+        logits, iou = decode_rows(backbone, features, rows, 1, "single", "cpu", single_point="best_iou")
+        single, _ = decode_rows(backbone, features, rows, 1, "single", "cpu")
     assert logits.shape[:2] == (1, 1)
     assert np.allclose(logits[0, 0].numpy(), low_res[best], atol=1e-5)
     assert np.isclose(float(iou[0, 0]), scores[best], atol=1e-5)
@@ -66,13 +70,13 @@ def test_single_point_evaluation_keeps_the_mask_sam_predictor_ranks_first(phanto
 def test_a_trial_evaluates_single_points_with_the_rule_and_records_it_as_a_setting(phantom_dataset):
     config, dataset = phantom_dataset
     spec = _spec(trial_id="zs-point", stage="zero_shot", prompt="center_point")
-    with_rule = run_trial(spec, dataset.root, config.cache_dir)
-    without = run_trial(dataclasses.replace(spec, single_point_multimask=False), dataset.root, config.cache_dir)
+    with_rule = run_trial(spec, dataset, config.cache_dir)
+    without = run_trial(dataclasses.replace(spec, single_point_multimask=False), dataset, config.cache_dir)
     assert [r["image_id"] for r in with_rule.per_image] == [r["image_id"] for r in without.per_image]
     assert [r["dice"] for r in with_rule.per_image] != [r["dice"] for r in without.per_image]
     # Box prompts are not ambiguous: the rule leaves them alone.
-    box = run_trial(dataclasses.replace(spec, prompt="box"), dataset.root, config.cache_dir)
-    box_off = run_trial(dataclasses.replace(spec, prompt="box", single_point_multimask=False), dataset.root,
+    box = run_trial(dataclasses.replace(spec, prompt="box"), dataset, config.cache_dir)
+    box_off = run_trial(dataclasses.replace(spec, prompt="box", single_point_multimask=False), dataset,
                         config.cache_dir)
     assert [r["dice"] for r in box.per_image] == [r["dice"] for r in box_off.per_image]
 
@@ -90,7 +94,7 @@ def test_zero_shot_sam2_decodes_as_the_official_builder_and_predictor(phantom_da
     hw = (record.height, record.width)
     box = np.array([20.0, 25.0, 90.0, 80.0])
     features = sam2.encode(sam2.preprocess(image[None]))
-    rows = decoder._rows_for([Prompt(boxes=box[None])], [hw], sam2)
+    rows = rows_for([Prompt(boxes=box[None])], [hw], sam2)
 
     official = SAM2ImagePredictor(sam2.model)
     grid = sam2.embedding_hw[0]
@@ -100,12 +104,12 @@ def test_zero_shot_sam2_decodes_as_the_official_builder_and_predictor(phantom_da
         official.set_image(image)
         _, iou, low_res = official.predict(box=box, multimask_output=False, return_logits=True)
         with torch.no_grad():
-            ours, our_iou = decoder._decode(sam2, features, rows, 1, "single", "cpu")
+            ours, our_iou = decode_rows(sam2, features, rows, 1, "single", "cpu")
     finally:
         sam2.use_official_inference(False)
     assert np.allclose(ours[0].numpy(), low_res, atol=1e-5) and np.allclose(our_iou[0].numpy(), iou, atol=1e-5)
     with torch.no_grad():
-        trained_token, _ = decoder._decode(sam2, features, rows, 1, "single", "cpu")
+        trained_token, _ = decode_rows(sam2, features, rows, 1, "single", "cpu")
         three, three_iou = sam2.decode(features, boxes=torch.from_numpy(rows.boxes[0])[None], multimask=True)
     # The fallback is what makes the difference: on random weights token 0 is unstable and the
     # official setting picks the best of the three multimask outputs instead.
@@ -136,8 +140,8 @@ def test_best_iou_training_takes_three_masks_and_regresses_the_iou_head_on_all(p
     spec = _spec(trial_id="multimask", multimask="best_iou", prompt="box", iou_loss_weight=1.0)
     fine_tune = _fine_tune(spec, phantom_dataset)
     seen = []
-    original = decoder.iou_head_loss
-    monkeypatch.setattr(decoder, "iou_head_loss", lambda p, l, t: seen.append(l.shape[1]) or original(p, l, t))
+    original = fine_tune_module.iou_head_loss
+    monkeypatch.setattr(fine_tune_module, "iou_head_loss", lambda p, l, t: seen.append(l.shape[1]) or original(p, l, t))
     batch = dataset.records_for("train")[:2]
     logits, iou, _ = fine_tune.forward(batch, "box", epoch=1)
     assert logits.shape[1] == 3 and iou.shape == (2, 3)
@@ -191,14 +195,14 @@ def test_file_prompts_train_on_original_views_only(phantom_dataset, tmp_path):
 def test_per_subject_rows_are_3d_metrics_of_the_stacked_slice_predictions(phantom_dataset):
     config, dataset = phantom_dataset
     spec = _spec(trial_id="zs-subjects", stage="zero_shot", prompt="box")
-    result = run_trial(spec, dataset.root, config.cache_dir)
+    result = run_trial(spec, dataset, config.cache_dir)
     test = dataset.records_for("test")
     assert {r["subject"] for r in result.per_subject} == {r.subject for r in test}
     # The predictions by hand: the same decoder, every test image kept, stacked with numpy.
-    backbone = decoder.resident_backbone(spec)
+    backbone = build(spec.backbone, spec.weights, spec.input_size, spec.device)
     backbone.use_official_inference(True)
-    cache = decoder.EmbeddingCache.for_backbone(config.cache_dir, backbone, dataset.key)
-    fine_tune = DecoderFineTune(spec, dataset, backbone, decoder.MappedEmbeddings(cache), epochs=0)
+    cache = EmbeddingCache.for_backbone(config.cache_dir, backbone, dataset.key)
+    fine_tune = DecoderFineTune(spec, dataset, backbone, MappedEmbeddings(cache), epochs=0)
     predicted = {}
     fine_tune.evaluate(test, "box", keep=predicted)
     for row in result.per_subject:

@@ -60,6 +60,18 @@ def _with_prefix_removed(state: dict[str, torch.Tensor], prefix: str) -> dict[st
     return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
 
 
+class _NoImageEncoder(nn.Module):
+    """Stands in for an image encoder a trial does not build (`Backbone.drop_image_encoder`)."""
+
+    def __init__(self, backbone: str):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"{self.backbone} was built without its image encoder (a trial on cached features); "
+                           f"its images must be encoded into the embedding cache first")
+
+
 class Backbone:
     """A frozen image encoder with a trainable prompt encoder and mask decoder.
 
@@ -277,6 +289,14 @@ class Backbone:
         counts = count_parameters(self.model, type(self)).as_dict()
         counts["trainable_mask_decoder"] = sum(parameter.numel() for _, parameter in self._trainable_decoder_items())
         return counts
+
+    def drop_image_encoder(self) -> None:
+        """Remove the image encoder (a trial on cached features never runs it) and free its memory.
+
+        The model then holds the prompt encoder, the mask decoder and the family's small other
+        parts only; `encode` raises. Parameter counts for reports come from `spec.params`.
+        """
+        setattr(self.model, self.IMAGE_ENCODER, _NoImageEncoder(self.spec.name))
 
     def _eval_image_encoder(self) -> None:
         # The encoder is frozen: always run it in eval mode, even if a caller put the whole model

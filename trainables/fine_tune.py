@@ -1,0 +1,364 @@
+"""One fine-tune: a backbone's mask decoder trained on encoder features, and evaluated.
+
+`DecoderFineTune(spec, dataset, backbone, embeddings)` holds one trial's model, data, prompts and
+optimizer; `train_epoch` and `evaluate` are what a trial's loop (trainables/trial.py) calls.
+Features come from an `EmbeddingSource`: cache entries held in RAM, read memory-mapped, or the
+frozen encoder run for every batch (`EncoderInTheLoop`, the benchmark's baseline).
+
+Conventions, each a decision a reviewer should know:
+
+- Prompts come from the ground truth in original pixels (trainables/prompts.py) and are mapped
+  into the backbone's input frame by the backbone. Evaluation prompts are seeded by (study seed,
+  image, view, prompt name) only, so every trial, every replicate seed and the zero-shot
+  baseline see the same prompt for an image and paired comparisons are fair.
+- Training randomness (the data order, the view drawn per image, the training-prompt draws,
+  torch's generator) is seeded by (study seed, `train_seed`, epoch) and not by the other
+  factors, so replicate seeds differ only in it, and two configurations with the same
+  `train_seed` see the same data order (common random numbers, which makes paired comparisons
+  between them less noisy).
+- Metrics are always computed at the mask's original resolution: the decoder's low-resolution
+  logits are upsampled, un-padded and resized by the backbone (`Backbone.postprocess`), then
+  thresholded at logit 0.
+- The loss is computed at the original resolution as well, on the same logits the metrics see,
+  so the objective and the score agree (and a `box_per_component` union is formed in the frame it
+  is scored in). The alternative, a loss on the decoder's 256 x 256 output with the mask resized
+  into that frame, would save little: measured on this project's 2-core CPU, a decoder training
+  step on 8 images costs 1.2 s, the loss at 256 x 256 5 ms (0.4 %), the upsampling plus loss at
+  the original size 4-26 ms for LiteMedSAM and SAM 2 (128-512 pixel masks, 0.3-2 %) and 52-82 ms
+  for SAM-family models at 1024 pixels (whose chain goes 256 -> 1024 -> H x W; 4-7 %).
+- `box_per_component` gives several boxes for one image: each box is decoded as its own row
+  and the image's logits are the element-wise maximum over its rows (the union of the masks).
+- Masks per prompt. `multimask: single` asks the decoder for one mask; `best_iou` for three.
+  Evaluation keeps the mask with the highest predicted IoU; training backpropagates, per image,
+  the mask with the lowest loss and regresses the IoU head on all three (the SAM rule, as sam2's
+  `training/loss_fns.py` and micro-sam's trainer do; `iou_loss_weight`, default 1 as theirs,
+  so the head that ranks the masks is trained). A single point is ambiguous (part or
+  whole?), so with `single_point_multimask` (the default; `evaluation.single_point_multimask`)
+  a prompt of exactly one point and no box always takes the three-mask path, in training and
+  evaluation, as the official `SamPredictor` users and micro-sam do; the masks evaluated are
+  then the ones that were trained.
+- Zero-shot evaluation decodes with the official predictor's inference settings
+  (`Backbone.use_official_inference`: SAM 2's dynamic multimask via stability); a fine-tuned
+  decoder is evaluated as it was trained.
+- `prompts.file` prompts are given in the original image's pixels, so they do not fit an
+  augmented (rotated, deformed) view: trials trained with the `file` prompt train on the
+  original views only.
+- An epoch visits every training image once, each time as one of its cached views (0 is the
+  original, 1..K augmented) drawn at random. Its `val_loss` is the training loss function on the
+  validation images with the evaluation prompt, averaged over images; `val_dice` and `val_iou`
+  the means of the per-image Dice and IoU (`trainables.metrics`).
+- Gradient accumulation averages the batch losses of each group of `grad_accum` batches (a last,
+  shorter group averages over its own size). The loss is checked once per optimizer step, before
+  the step, so a non-finite value never reaches the weights (`TrialFailed`).
+- SWA (`swa`): from the first epoch after half of the epochs, the decoder weights at the end of
+  each epoch are averaged (equal weights); validation, best-epoch selection and the test use the
+  averaged weights, while training continues from the live ones.
+- The best epoch (by `select_metric`/`select_mode`) is restored before the test evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from foundation.embedding_cache import EmbeddingCache
+from foundation.prepared_store import PreparedDataset, SliceRecord
+from trainables.backbones import Backbone
+from trainables.decoding import decode_rows, lowest_loss, rows_for, seeded_rng
+from trainables.losses import build_loss, iou_head_loss
+from trainables.metrics import dice, image_metrics, iou
+from trainables.optimizers import build_optimizer, build_schedule
+from trainables.prompts import Prompt, PromptSettings, load_prompt_file, make_prompt
+
+#: Images per decoder call when evaluating (no gradients are kept, so larger batches fit).
+EVAL_BATCH_SIZE = 16
+
+
+class TrialFailed(RuntimeError):
+    """A trial that cannot go on (a non-finite loss); the study records the reason and continues."""
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything one trial needs, as plain values (one grid cell of the study plus context)."""
+
+    trial_id: str
+    backbone: str
+    weights: str  # a checkpoint path, or "random"
+    stage: str = "finetune"  # or "zero_shot": evaluation only
+    optimizer: str = "adamw"
+    loss: str = "dice_bce"
+    prompt: str = "box"
+    eval_prompts: tuple[str, ...] = ()  # empty: the training prompt
+    lr: float = 1e-4
+    weight_decay: float | None = None
+    momentum: float = 0.9
+    epochs: int = 5
+    batch_size: int = 8
+    grad_accum: int = 1
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    swa: bool = False
+    multimask: str = "single"
+    train_prompt_encoder: bool = False
+    iou_loss_weight: float = 1.0  # the IoU head that ranks three masks is trained (SAM: weight 1)
+    seed: int = 0  # the study seed: evaluation prompts
+    train_seed: int = 0  # the replicate seed (search.seeds): training randomness
+    single_point_multimask: bool = True  # evaluation.single_point_multimask
+    nsd_tolerance: float = 2.0  # evaluation.nsd_tolerance_mm (pixels for images without spacing)
+    prompt_settings: dict = field(default_factory=dict)
+    prompts_file: str | None = None
+    select_metric: str = "val_dice"
+    select_mode: str = "max"
+    input_size: int | None = None  # test-only override of the backbone's input size
+    image_encoder: bool = True  # False: built without it (the study's trials, on a filled cache)
+    device: str = "cpu"
+
+    @property
+    def primary_eval_prompt(self) -> str:
+        return self.eval_prompts[0] if self.eval_prompts else self.prompt
+
+
+# --- where features come from -------------------------------------------------------------------
+
+
+class EmbeddingSource(Protocol):
+    def batch(self, records: list[SliceRecord], device: str | torch.device) -> dict[str, torch.Tensor]:
+        """Encoder features of `records` as float32 tensors (N, C, h, w) on `device`."""
+
+
+class MappedEmbeddings:
+    """Features read memory-mapped from the cache for every batch (when they do not fit in RAM)."""
+
+    def __init__(self, cache: EmbeddingCache):
+        self.cache = cache
+
+    def batch(self, records: list[SliceRecord], device: str | torch.device) -> dict[str, torch.Tensor]:
+        return self.cache.load_batch(records, device)
+
+
+class EncoderInTheLoop:
+    """Features computed by the frozen image encoder for every batch, under `no_grad`: what the
+    usual fine-tuning scripts do, and the baseline of benchmarks/cache_speedup.py.
+
+    The batch's images are read from the prepared store and encoded together, or in chunks of at
+    most `max_batch` images (SAM's ViT-B at 1024 pixels needs about 3 GB of CPU memory per image in
+    one call). The features are rounded to float16 exactly as cache entries are, so a
+    fine-tune fed by this source trains on the same numbers as one fed by the cache.
+    """
+
+    def __init__(self, backbone: Backbone, dataset: PreparedDataset, max_batch: int | None = None):
+        self.backbone = backbone
+        self.dataset = dataset
+        self.max_batch = max_batch
+
+    def batch(self, records: list[SliceRecord], device: str | torch.device) -> dict[str, torch.Tensor]:
+        size = self.max_batch or len(records)
+        parts = []
+        for start in range(0, len(records), size):
+            images = np.stack([self.dataset.load(r)[0] for r in records[start:start + size]])
+            with torch.no_grad():
+                parts.append(self.backbone.encode(self.backbone.preprocess(images)))
+        return {name: torch.cat([part[name] for part in parts]).half().to(device).float() for name in parts[0]}
+
+
+def mean_metric(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
+    return float(np.mean(values)) if values else float("nan")
+
+
+# --- one fine-tune --------------------------------------------------------------------------------
+
+
+class DecoderFineTune:
+    """One trial's model, data and optimizer: training epochs and evaluations on a feature source.
+
+    `embeddings` supplies encoder features per batch: resident cache entries (`ResidentEmbeddings`),
+    memory-mapped ones (`MappedEmbeddings`) or the encoder itself (`EncoderInTheLoop`).
+    `epochs` sizes the learning-rate schedule (0: evaluation only, no optimizer). `masks` is a
+    dict (image id, view) -> ground truth, filled as masks are read and may be shared.
+    """
+
+    def __init__(self, spec: TrialSpec, dataset: PreparedDataset, backbone: Backbone, embeddings: EmbeddingSource,
+                 *, epochs: int | None = None, masks: dict[tuple[str, int], np.ndarray] | None = None):
+        self.spec = spec
+        self.dataset = dataset
+        self.backbone = backbone
+        self.embeddings = embeddings
+        self.masks = {} if masks is None else masks
+        self.epochs = spec.epochs if epochs is None else epochs
+        torch.manual_seed(int(seeded_rng(spec.seed, "train", spec.train_seed).integers(2**62)))
+        self.settings = PromptSettings(**spec.prompt_settings)
+        self.external = load_prompt_file(Path(spec.prompts_file)) if spec.prompts_file else None
+        self.loss_fn = build_loss(spec.loss)
+        self.eval_prompts: dict[tuple[str, str, int], Prompt] = {}
+        self.views: dict[str, list[SliceRecord]] = defaultdict(list)
+        for record in dataset.records_for("train", views=True):
+            self.views[record.image_id].append(record)
+        self.optimizer = self.schedule = None
+        self.optimizer_steps = 0
+        if self.epochs:
+            parameters = backbone.trainable_parameters(spec.train_prompt_encoder)
+            self.optimizer = build_optimizer(spec.optimizer, parameters, spec.lr, spec.weight_decay, spec.momentum)
+            steps = self.steps_per_epoch()
+            self.schedule = build_schedule(spec.schedule, self.optimizer, steps * self.epochs,
+                                           spec.warmup_epochs * steps)
+
+    # --- data
+
+    def mask(self, record: SliceRecord) -> np.ndarray:
+        key = (record.image_id, record.view)
+        if key not in self.masks:
+            self.masks[key] = self.dataset.load(record)[1]
+        return self.masks[key]
+
+    def prompts(self, records: list[SliceRecord], name: str, epoch: int | None) -> list[Prompt]:
+        """Evaluation prompts (epoch None) depend on (seed, image, view, prompt) only and are
+        computed once; training prompts also on the training seed and the epoch."""
+        out = []
+        for r in records:
+            key = (name, r.image_id, r.view)
+            if epoch is None and key in self.eval_prompts:
+                out.append(self.eval_prompts[key])
+                continue
+            parts = (self.spec.seed, r.image_id, r.view, name) + (() if epoch is None else ("train", self.spec.train_seed, epoch))
+            prompt = make_prompt(name, self.mask(r), rng=seeded_rng(*parts), settings=self.settings,
+                                 image_id=r.image_id, external=self.external)
+            if epoch is None:
+                self.eval_prompts[key] = prompt
+            out.append(prompt)
+        return out
+
+    def batches(self, records: list[SliceRecord], rng: np.random.Generator | None,
+                batch_size: int | None = None) -> list[list[SliceRecord]]:
+        """Batches of images of one size (the backbone maps each size separately); shuffled when rng given."""
+        size = batch_size or self.spec.batch_size
+        by_size: dict[tuple[int, int], list[SliceRecord]] = defaultdict(list)
+        for r in records:
+            by_size[(r.height, r.width)].append(r)
+        batches = []
+        for group in by_size.values():
+            order = rng.permutation(len(group)) if rng is not None else range(len(group))
+            group = [group[i] for i in order]
+            batches += [group[i:i + size] for i in range(0, len(group), size)]
+        if rng is not None:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch: batches of the training images, grouped by `grad_accum`."""
+        originals = [views[0] for views in self.views.values()]
+        return max(math.ceil(len(self.batches(originals, None)) / self.spec.grad_accum), 1)
+
+    def forward(self, batch: list[SliceRecord], prompt_name: str, epoch: int | None):
+        """Logits at the original resolution (N,K,H,W), predicted IoU (N,K) and targets (N,1,H,W).
+
+        Training (an epoch given) keeps every mask of the three-mask path (K = 3 where it is
+        taken); evaluation keeps one (K = 1), see the module docstring's "Masks per prompt".
+        """
+        spec, device = self.spec, self.spec.device
+        features = self.embeddings.batch(batch, device)
+        hw = (batch[0].height, batch[0].width)
+        rows = rows_for(self.prompts(batch, prompt_name, epoch), [hw] * len(batch), self.backbone)
+        three = "all" if epoch is not None else "best_iou"
+        masks = three if spec.multimask == "best_iou" else "single"
+        low, iou_pred = decode_rows(self.backbone, features, rows, len(batch), masks, device,
+                                single_point=three if spec.single_point_multimask else None)
+        logits = self.backbone.postprocess(low, hw)
+        target = torch.from_numpy(np.stack([self.mask(r) for r in batch])).to(device, torch.float32)[:, None]
+        return logits, iou_pred, target
+
+    # --- training
+
+    def train_epoch(self, epoch: int) -> float:
+        """One pass over the training images (one view each); the mean training loss per image."""
+        spec = self.spec
+        rng = seeded_rng(spec.seed, "train", spec.train_seed, "epoch", epoch)
+        picks = [int(rng.integers(len(views))) for views in self.views.values()]
+        if spec.prompt == "file":  # external prompts fit the original views only
+            picks = [0] * len(picks)
+        chosen = [views[pick] for views, pick in zip(self.views.values(), picks)]
+        batches = self.batches(chosen, rng)
+        self.backbone.model.train()
+        total, seen = torch.zeros((), device=spec.device), 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for start in range(0, len(batches), spec.grad_accum):
+            group = batches[start:start + spec.grad_accum]
+            group_loss = torch.zeros((), device=spec.device)
+            for batch in group:
+                logits, iou_pred, target = self.forward(batch, spec.prompt, epoch)
+                loss = lowest_loss(self.loss_fn, logits, target)
+                if spec.iou_loss_weight:  # the IoU head regressed on every mask
+                    loss = loss + spec.iou_loss_weight * sum(
+                        iou_head_loss(iou_pred[:, k], logits[:, k:k + 1], target)
+                        for k in range(logits.shape[1])) / logits.shape[1]
+                (loss / len(group)).backward()
+                group_loss += loss.detach() * len(batch)
+            if not torch.isfinite(group_loss):  # the one host sync per optimizer step
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrialFailed(
+                    f"trial {spec.trial_id}: the training loss became {group_loss.item()} at epoch {epoch} "
+                    f"(optimizer step {start // spec.grad_accum + 1} of the epoch; lr {spec.lr:g}, optimizer "
+                    f"{spec.optimizer}, loss {spec.loss}); the trial was stopped before that step. A lower "
+                    f"learning rate usually helps.")
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.schedule.step()
+            self.optimizer_steps += 1
+            total += group_loss
+            seen += sum(len(b) for b in group)
+        self.backbone.model.eval()
+        return total.item() / max(seen, 1)
+
+    # --- evaluation
+
+    def evaluate(self, records: list[SliceRecord], prompt_name: str, *, full: bool = True,
+                 keep: dict | None = None) -> tuple[list[dict], float]:
+        """Per-image metrics at the original resolution, and the mean loss, with the current decoder.
+
+        `full`: every metric of `trainables.metrics.image_metrics` (the test table); otherwise
+        Dice and IoU only (the per-epoch validation, which needs no surface distances).
+        `keep`, when given, receives image_id -> predicted mask for every image.
+        """
+        rows, loss_sum = [], torch.zeros((), device=self.spec.device)
+        self.backbone.model.eval()
+        with torch.no_grad():
+            for batch in self.batches(records, None, max(self.spec.batch_size, EVAL_BATCH_SIZE)):
+                logits, _, target = self.forward(batch, prompt_name, None)
+                loss_sum += self.loss_fn(logits, target) * len(batch)
+                predictions = (logits[:, 0] > 0).cpu().numpy()
+                for record, pred in zip(batch, predictions):
+                    truth = self.mask(record)
+                    if keep is not None:
+                        keep[record.image_id] = pred
+                    if full:
+                        metrics = image_metrics(pred, truth, record.spacing, nsd_tolerance=self.spec.nsd_tolerance)
+                        scores = {k: metrics[k] for k in ("dice", "iou", "miou", "hd95", "hd95_mm")}
+                        scores.update(hd95_penalised=int(metrics["hd95_penalised"]), nsd=metrics["nsd"])
+                    else:
+                        scores = {"dice": dice(pred, truth), "iou": iou(pred, truth)}
+                    rows.append({"image_id": record.image_id, "subject": record.subject, "slice": record.slice_index,
+                                 "area": record.area, "prompt": prompt_name, **scores})
+        return rows, (loss_sum.item() / len(records) if records else float("nan"))
+
+    # --- checkpoints
+
+    def state_dict(self) -> dict:
+        return {"decoder": self.backbone.decoder_state_dict(), "optimizer": self.optimizer.state_dict(),
+                "optimizer_steps": self.optimizer_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore decoder and optimizer; the schedule continues at the saved step count (of this
+        spec's schedule, so a resumed trial with more epochs follows the longer schedule)."""
+        self.backbone.load_decoder_state_dict(state["decoder"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer_steps = state["optimizer_steps"]
+        self.schedule.last_epoch = self.optimizer_steps
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.schedule.base_lrs, self.schedule.lr_lambdas):
+            group["lr"] = base_lr * factor(self.optimizer_steps)

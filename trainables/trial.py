@@ -1,0 +1,203 @@
+"""The trial: fine-tune a backbone's mask decoder on cached image embeddings, then evaluate it.
+
+`run_trial(spec, dataset, cache_root)` is what one trial computes, as a plain function (no Ray):
+the study runs it in a Ray Tune trainable, tests and benchmarks call it directly. The image
+encoder never runs here except to fill missing cache entries; every training step is one batched
+mask-decoder pass over cached embeddings (`trainables.fine_tune.DecoderFineTune`, whose
+docstring states the training and evaluation conventions). A worker that runs many trials passes
+its `Residency` (trainables/residency.py) so backbones, embeddings and masks are kept between them.
+
+Checkpoints. With `checkpoint_dir`, the end of every epoch writes one file, `state.pt`, holding
+all a resume needs: the decoder and optimizer state, the schedule's step, the epoch, the history,
+the best epoch with its value and its decoder weights, and the SWA average. It is written
+atomically and durably (`foundation.files`: temp file, fsync, rename), and the previous one is
+kept as `state.prev.pt`, so a crash at any moment leaves a whole checkpoint of one of the last two
+epochs. A resume reads `state.pt`, else `state.prev.pt`; one that cannot be read (truncated by a
+machine crash, say) is moved aside as `*.unreadable` with a warning, and the trial goes on from the
+other or from scratch. `best_decoder.pt` (the best epoch's decoder, the MLflow artifact) is written
+once, when the trial ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from foundation.embedding_cache import EmbeddingCache
+from foundation.files import atomic_path
+from foundation.prepared_store import PreparedDataset
+from trainables.evaluation import evaluate_on_test
+from trainables.fine_tune import DecoderFineTune, EmbeddingSource, MappedEmbeddings, TrialSpec, mean_metric
+from trainables.residency import Residency, build, retain_freed_memory
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+PREVIOUS_STATE_FILE = "state.prev.pt"
+BEST_DECODER_FILE = "best_decoder.pt"
+
+
+@dataclass
+class TrialResult:
+    trial_id: str
+    stage: str
+    history: list[dict]
+    per_image: list[dict]
+    summary: dict
+    per_subject: list[dict] = field(default_factory=list)
+    #: image_id -> (image, truth, prediction) for the best and worst test images with the primary
+    #: evaluation prompt, for overlays in the report (`trainables.evaluation.KEPT_PREDICTIONS`).
+    predictions: dict = field(default_factory=dict)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def save_torch(obj, path: Path) -> None:
+    """`torch.save` atomically and durably."""
+    with atomic_path(path) as temp:
+        torch.save(obj, temp)
+
+
+def save_checkpoint(checkpoint_dir: Path, state: dict) -> None:
+    """Write `state.pt`, keeping the one it replaces as `state.prev.pt`."""
+    current = checkpoint_dir / STATE_FILE
+    if current.exists():
+        os.replace(current, checkpoint_dir / PREVIOUS_STATE_FILE)
+    save_torch(state, current)
+
+
+def load_checkpoint(checkpoint_dir: Path, device: str) -> dict | None:
+    """The newest readable checkpoint (`state.pt`, else `state.prev.pt`), or None to start from scratch.
+
+    An unreadable file is renamed `<name>.unreadable` (kept for a post-mortem, never read again)
+    with a warning.
+    """
+    for name in (STATE_FILE, PREVIOUS_STATE_FILE):
+        path = checkpoint_dir / name
+        if not path.exists():
+            continue
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+            if not isinstance(state, dict) or "epoch" not in state or "best_state" not in state:
+                raise ValueError("it is not a checkpoint of this trial format")
+            return state
+        except Exception as error:  # a truncated zip, a pickle error, a wrong format: all mean "unusable"
+            aside = path.with_name(path.name + ".unreadable")
+            os.replace(path, aside)
+            log.warning("The checkpoint %s cannot be read (%s); it was moved to %s and the trial continues from %s.",
+                        path, str(error).splitlines()[0] if str(error) else type(error).__name__, aside,
+                        "the previous epoch's checkpoint" if name == STATE_FILE else "scratch")
+    return None
+
+
+def _state_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+# --- the trial ----------------------------------------------------------------------------------
+
+
+def run_trial(spec: TrialSpec, dataset: PreparedDataset, cache_root: Path, *, checkpoint_dir: Path | None = None,
+              on_epoch: Callable[[dict], None] | None = None, progress: bool = False,
+              residency: Residency | None = None) -> TrialResult:
+    """Fine-tune (or, for stage zero_shot, only evaluate) one configuration; see the module docstring.
+
+    With `checkpoint_dir`, every epoch is checkpointed there and an existing checkpoint is resumed
+    from its next epoch; a checkpoint with more epochs than `spec.epochs` (a trial the scheduler
+    stopped while it trained on) trains no more and is evaluated as it is. `on_epoch(metrics)` is
+    called after every epoch (after its checkpoint is saved) with epoch, train_loss, val_loss,
+    val_dice, val_iou and seconds. `residency` keeps the backbone, embeddings and masks for later
+    trials of this process; without one, everything is built for this trial alone. Raises
+    `TrialFailed` when the loss becomes non-finite.
+    """
+    started = time.perf_counter()
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if residency is not None:
+        retain_freed_memory()
+        backbone = residency.backbone(spec.backbone, spec.weights, spec.input_size, spec.device, spec.image_encoder)
+    else:
+        backbone = build(spec.backbone, spec.weights, spec.input_size, spec.device, spec.image_encoder)
+    backbone.use_official_inference(spec.stage == "zero_shot")
+    cache = EmbeddingCache.for_backbone(Path(cache_root), backbone, dataset.key)
+    train = dataset.records_for("train", views=True)
+    val, test = dataset.records_for("val"), dataset.records_for("test")
+    epochs = 0 if spec.stage == "zero_shot" else spec.epochs
+    needed = (train if epochs else []) + val + test
+
+    held = residency.held_embeddings(cache) if residency is not None else None
+    from_memory = held is not None and held.covers(needed)
+    if not from_memory:
+        cache.ensure(backbone, dataset, needed, verify=False, progress=progress)
+    embeddings: EmbeddingSource | None = residency.resident_embeddings(cache, needed) if residency else None
+    if embeddings is None:
+        embeddings = MappedEmbeddings(cache)
+    masks = residency.masks_of(dataset) if residency is not None else None
+    fine_tune = DecoderFineTune(spec, dataset, backbone, embeddings, epochs=epochs, masks=masks)
+    eval_prompt = spec.primary_eval_prompt
+
+    history: list[dict] = []
+    best = {"epoch": 0, "value": None, "state": backbone.decoder_state_dict()}
+    swa_state, swa_count = None, 0
+    saved = load_checkpoint(checkpoint_dir, spec.device) if epochs and checkpoint_dir else None
+    if saved is not None:
+        fine_tune.load_state_dict(saved)
+        history = saved["history"]
+        best = {"epoch": saved["best_epoch"], "value": saved["best_value"], "state": saved["best_state"]}
+        swa_state, swa_count = saved.get("swa_state"), saved.get("swa_count", 0)
+
+    for epoch in range(len(history) + 1, epochs + 1):
+        epoch_start = time.perf_counter()
+        train_loss = fine_tune.train_epoch(epoch)
+        averaging = spec.swa and epoch > epochs // 2
+        if averaging:
+            live = backbone.decoder_state_dict()
+            swa_count += 1
+            swa_state = _state_copy(live) if swa_state is None else {
+                k: swa_state[k] + (live[k] - swa_state[k]) / swa_count if live[k].is_floating_point() else live[k]
+                for k in live}
+            backbone.load_decoder_state_dict(swa_state)
+        val_rows, val_loss = fine_tune.evaluate(val, eval_prompt, full=False)
+        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                   "val_dice": mean_metric(val_rows, "dice"), "val_iou": mean_metric(val_rows, "iou"),
+                   "seconds": time.perf_counter() - epoch_start}
+        history.append(metrics)
+        value = metrics[spec.select_metric]
+        improved = best["value"] is None or (value > best["value"] if spec.select_mode == "max" else value < best["value"])
+        if improved:
+            best = {"epoch": epoch, "value": value, "state": backbone.decoder_state_dict()}
+        if averaging:
+            backbone.load_decoder_state_dict(live)
+        if checkpoint_dir:
+            save_checkpoint(checkpoint_dir, {
+                **fine_tune.state_dict(), "epoch": epoch, "history": history, "best_epoch": best["epoch"],
+                "best_value": best["value"], "best_state": best["state"], "swa_state": swa_state,
+                "swa_count": swa_count})
+        if on_epoch:
+            on_epoch(metrics)
+        if progress:
+            print(f"[{spec.trial_id}] epoch {epoch}/{epochs} train_loss {metrics['train_loss']:.4f} "
+                  f"val_dice {metrics['val_dice']:.4f} ({metrics['seconds']:.1f}s)", flush=True)
+
+    if checkpoint_dir and history:
+        save_torch(best["state"], checkpoint_dir / BEST_DECODER_FILE)
+    backbone.load_decoder_state_dict(best["state"])
+    val_rows = fine_tune.evaluate(val, eval_prompt, full=False)[0] if not history else []
+    scores = evaluate_on_test(fine_tune, test)
+    summary = {
+        "epochs_run": len(history),
+        "best_epoch": best["epoch"],
+        "val_dice": history[best["epoch"] - 1]["val_dice"] if history else mean_metric(val_rows, "dice"),
+        **scores.summary,
+        "seconds": time.perf_counter() - started,
+        "cache": {**asdict(cache.counts), "from_memory": from_memory},
+    }
+    return TrialResult(spec.trial_id, spec.stage, history, scores.per_image, summary, per_subject=scores.per_subject,
+                       predictions=scores.predictions)
+
