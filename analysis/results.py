@@ -2,8 +2,9 @@
 
 `load_study(study_dir)` reads `resolved.yaml` and `results/{trials,per_image,history}.csv`
 (and `results/per_subject.csv` when the study wrote one; older study folders lack it);
-`load_from_mlflow(uri, experiment)` reads the same facts from the trial runs of an MLflow
-experiment (params, metric histories, the `per_image.csv` and `per_subject.csv` artifacts).
+`load_from_mlflow(uri, experiment)` reads the same facts from the trial runs of one study's
+parent run in an MLflow experiment (params, metric histories, the `per_image.csv` and
+`per_subject.csv` artifacts); an experiment may hold several studies.
 Both return a `StudyResults`, whose derived tables the rest of the package works on:
 
 - `evaluations`: one row per *evaluation*: one trial (or zero-shot run) scored on the test
@@ -310,8 +311,40 @@ def _typed_params(rows: list[dict]) -> pd.DataFrame:
     return table
 
 
-def load_from_mlflow(tracking_uri: str, experiment: str, config: dict | None = None) -> StudyResults:
+def _choose_parent(parents: list, parent_run_id: str | None, study_name: str | None, where: str,
+                   notes: list[str]):
+    """The parent run whose trial runs make the study (see load_from_mlflow), or None for none."""
+    if parent_run_id:
+        for run in parents:
+            if run.info.run_id == parent_run_id:
+                return run
+        raise ResultsError(f"{where} has no active parent run {parent_run_id!r} (tag sam_study.role=parent); its "
+                           f"parent runs are {', '.join(r.info.run_id for r in parents) or 'none'}. Pass the "
+                           f"parent_run_id of the study's tracking.json, or run the study again to log it.")
+    if not parents:
+        return None
+    named = [run for run in parents
+             if study_name and run.data.tags.get("sam_study.study", run.info.run_name) == study_name]
+    candidates = named or parents
+    newest = max(candidates, key=lambda run: (run.info.start_time or 0, run.info.run_id))
+    if len(candidates) > 1:
+        of = f"parent runs of study {study_name!r}" if named else "parent runs"
+        notes.append(f"{where} holds {len(candidates)} {of}; read the trial runs of the newest, "
+                     f"{newest.info.run_id} ({newest.info.run_name}).")
+    return newest
+
+
+def load_from_mlflow(tracking_uri: str, experiment: str, config: dict | None = None,
+                     parent_run_id: str | None = None) -> StudyResults:
     """Read a study from its MLflow experiment into a `StudyResults`.
+
+    A study is one parent run (tag `sam_study.role=parent`) and the trial runs nested under it
+    (tag `mlflow.parentRunId`): an experiment may hold several studies, or one study's earlier
+    configurations. The parent is `parent_run_id` when given (the `parent_run_id` of the study
+    folder's tracking.json), else the newest parent of the study `config` names (its
+    `study.name` against the parent's `sam_study.study` tag, or its run name), else the newest
+    parent; the study's name is that parent's run name. An experiment without parent runs
+    (written by hand) is read whole.
 
     Trial runs are the runs tagged `sam_study.role=trial`; their tags give trial_id, stage and
     status, their params the factors plus family, image_encoder_params and the replicate `seed`
@@ -338,22 +371,30 @@ def load_from_mlflow(tracking_uri: str, experiment: str, config: dict | None = N
         raise ResultsError(f"the MLflow store {tracking_uri!r} has no experiment named {experiment!r}. Pass the "
                            f"experiment the study logged to (tracking.experiment, by default the study name).")
 
-    def runs_tagged(role: str):
+    def runs_tagged(role: str, parent_id: str | None = None):
+        query = f"tags.`sam_study.role` = '{role}'"
+        if parent_id is not None:
+            if "'" in parent_id:
+                raise ResultsError(f"{parent_id!r} is not an MLflow run id; pass the parent_run_id of tracking.json.")
+            query += f" and tags.`mlflow.parentRunId` = '{parent_id}'"
         token, runs = None, []
         while True:
-            page = client.search_runs([found.experiment_id], f"tags.`sam_study.role` = '{role}'",
-                                      max_results=1000, page_token=token)
+            page = client.search_runs([found.experiment_id], query, max_results=1000, page_token=token)
             runs += list(page)
             token = page.token
             if not token:
                 return runs
 
-    trial_runs = runs_tagged("trial")
+    where = f"MLflow experiment {experiment!r} at {tracking_uri!r}"
+    notes: list[str] = []
+    study = (config or {}).get("study")
+    study_name = study.get("name") if isinstance(study, dict) else None
+    parent = _choose_parent(runs_tagged("parent"), parent_run_id, study_name, where, notes)
+    trial_runs = runs_tagged("trial", None if parent is None else parent.info.run_id)
     if not trial_runs:
-        raise ResultsError(f"MLflow experiment {experiment!r} at {tracking_uri!r} has no trial runs (tag "
-                           f"sam_study.role=trial): the study has not finished any trial; run python -m study.run "
-                           f"<grid.yaml> to resume it.")
-    parents = runs_tagged("parent")
+        under = "" if parent is None else f" under parent run {parent.info.run_id}"
+        raise ResultsError(f"{where} has no trial runs (tag sam_study.role=trial){under}: the study has not "
+                           f"finished any trial; run python -m study.run <grid.yaml> to resume it.")
     trial_rows, per_image_tables, per_subject_tables, history_tables = [], [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         for run in sorted(trial_runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
@@ -394,9 +435,9 @@ def load_from_mlflow(tracking_uri: str, experiment: str, config: dict | None = N
     factors = [c for c in trials.columns if c not in (*TRIAL_COLUMNS[:3], *TRIAL_METRICS, *NOT_FACTORS, "family")
                and not c.endswith("_params")]
     name = experiment
-    if parents:
-        name = parents[0].data.tags.get("mlflow.runName") or parents[0].info.run_name or experiment
-    return _assemble(name, trials, per_image, history, factors, dict(config or {}), [],
+    if parent is not None:
+        name = parent.data.tags.get("mlflow.runName") or parent.info.run_name or experiment
+    return _assemble(name, trials, per_image, history, factors, dict(config or {}), notes,
                      source=f"MLflow experiment {experiment!r} at {tracking_uri}", per_subject=per_subject)
 
 

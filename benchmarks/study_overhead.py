@@ -8,7 +8,7 @@ MLflow logging and result tables, and the trials themselves.
 
 - `wall_s`: the whole command, from process start to exit.
 - `trial_compute_s`: the time during which at least one trial was computing (the union of the
-  trials' [start, end] intervals from their result.json; overlapping trials count once).
+  trials' [started, ended] intervals from their ledger entries (trial.json); overlapping trials count once).
 - `overhead_fraction` = 1 - trial_compute_s / wall_s.
 
 The last stdout line is one JSON object: {"trials", "wall_s", "trial_compute_s", "overhead_fraction"}.
@@ -78,7 +78,7 @@ def main() -> None:
     wall = time.perf_counter() - start
     if run.returncode != 0:
         sys.exit(f"the study failed:\n{run.stderr[-3000:]}")
-    records = [json.loads(p.read_text()) for p in (work / "runs" / "overhead" / "results" / "trials").glob("*/result.json")]
+    records = [json.loads(p.read_text()) for p in (work / "runs" / "overhead" / "results" / "trials").glob("*/trial.json")]
     compute = union_seconds([(r["started"], r["ended"]) for r in records])
     print(json.dumps({"trials": len(records), "wall_s": round(wall, 2), "trial_compute_s": round(compute, 2),
                       "overhead_fraction": round(1 - compute / wall, 4)}))

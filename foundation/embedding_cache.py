@@ -27,18 +27,38 @@ trainables/backbones/sam2.py). Entries are
   corrupt entry is first renamed away (to a temp name), then deleted, then replaced;
 - checked: `meta.json` records each array's shape, file size and SHA-256. `is_valid` always
   checks that every file is there with its recorded size and a readable header of the recorded
-  shape (this catches truncation and most damage); with `verify=True` it also recomputes every
-  checksum (this catches any flipped byte). `ensure` encodes what is missing or invalid, and
-  removes temp folders that a killed writer left behind more than an hour ago.
+  shape (this catches truncation and most damage); with `verify=True` it also makes sure of
+  every array's checksum, cheaply where it can (below). `ensure` encodes what is missing or
+  invalid, and removes temp folders that a killed writer left behind more than an hour ago;
+- verified once, then trusted by their files' size and mtime: an entry whose arrays all passed
+  a full check (every SHA-256 recomputed and equal to meta.json's) gets a marker file,
+  `verified.json`, holding the size and `st_mtime_ns` of meta.json and of each array file. A
+  later `verify=True` check that finds the marker, and every file with the size and mtime the
+  marker records, trusts the entry without reading its arrays; any difference, or no marker, or
+  an unreadable one, falls back to the full check (which, when it passes, writes the marker
+  again). `write` marks its own entries at once, since it has just computed their checksums. So
+  an entry is hashed once (when written, or on the first verifying run of a cache made before
+  markers), not on every resumed study. What this misses: bytes changed in place with the
+  file's size and mtime left as they were (a bit flipped on the disk, or a rewrite whose mtime
+  was set back with os.utime). `full_check=True` (in `is_valid` and `ensure`) ignores the markers
+  and recomputes every checksum, which catches those too. Truncation, and any rewrite through
+  the file system, change the size or the mtime and are caught without it: the files of a new
+  entry are dated 2 s back, so that even a rewrite within the same tick of a coarse file-system
+  clock (up to 2 s on FAT, 1 s on ext3) gets another mtime. A cache on read-only storage, where
+  no marker can be written, is simply hashed on every verifying check, as before.
 
-Files are not fsync'ed: a machine crash may leave a damaged entry, which `ensure(verify=True)`
-detects and recomputes.
+Array files and meta.json are flushed to disk (fsync) before a marker is written for them, so a
+machine crash cannot leave a marker vouching for data that never reached the disk; the marker
+itself and the rest are not fsync'ed: a crash may leave a damaged entry or lose a marker, which
+`ensure(verify=True)` detects (the damaged entry by its size or mtime, or by the full check that
+a missing marker leads to) and recomputes.
 
 `EncodeCounts` tells callers how many entries were hits, misses and corrupt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -59,7 +79,12 @@ from foundation.prepared_store import PreparedDataset, SliceRecord
 #: 2: entries keyed by the image's content (`SliceRecord.image_sha256`), not by store, id and view.
 CACHE_FORMAT = 2
 META_FILE = "meta.json"
+#: The marker of an entry that passed a full check: {"format": 1, "files": {name: [bytes, mtime_ns]}}.
+VERIFIED_FILE = "verified.json"
+VERIFIED_FORMAT = 1
 TEMP_PREFIX = ".tmp-"
+#: How far back `write` dates a new entry's files (more than the coarsest common mtime step).
+BACKDATE_NS = 2_000_000_000
 
 #: Images per encoder call on each device type when `ensure` is not told. On CPU, one image at a
 #: time is fastest (measured on the 2-core development machine: LiteMedSAM's TinyViT 0.8 s per
@@ -106,6 +131,53 @@ def _sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
 
 
+def _file_stats(folder: Path, names: list[str]) -> dict[str, list[int]]:
+    """{file name: [size in bytes, st_mtime_ns]} of the files `names` in `folder`: what a marker records."""
+    stats = {}
+    for name in names:
+        stat = os.stat(folder / name)
+        stats[name] = [stat.st_size, stat.st_mtime_ns]
+    return stats
+
+
+def _flush_to_disk(paths: list[Path]) -> None:
+    """fsync each file (cheap for a file whose data is on disk already); raises OSError if one fails."""
+    for path in paths:
+        handle = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
+def _read_marker(folder: Path) -> dict | None:
+    """The file stats an entry's marker records, or None when it has none or it cannot be read."""
+    try:
+        marker = json.loads((folder / VERIFIED_FILE).read_text())
+        return marker["files"] if marker.get("format") == VERIFIED_FORMAT else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _write_marker(folder: Path, stats: dict[str, list[int]]) -> bool:
+    """Write `folder`'s marker atomically (a temp file renamed over it); False if it could not be.
+
+    Not `foundation.files.write_atomic`: that creates a missing folder, and an entry discarded by
+    another process meanwhile must not come back as a folder holding only a marker (here the
+    write then just fails). The marker is not fsync'ed: one lost in a crash only costs a re-hash.
+    """
+    temp = folder / f"{TEMP_PREFIX}{VERIFIED_FILE}.{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        with open(temp, "x") as handle:
+            json.dump({"format": VERIFIED_FORMAT, "files": stats}, handle)
+        os.replace(temp, folder / VERIFIED_FILE)
+        return True
+    except OSError:  # the folder is gone (discarded) or read-only
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
+        return False
+
+
 def _read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) from a .npy file's header, without reading or mapping the data."""
     with open(path, "rb") as handle:
@@ -149,24 +221,44 @@ class EmbeddingCache:
                              f"it comes from a prepared store older than this cache (prepare the data again)")
         return self.namespace / digest[:2] / digest[:32]
 
-    def is_valid(self, record: SliceRecord, verify: bool = False) -> bool:
+    def is_valid(self, record: SliceRecord, verify: bool = False, *, full_check: bool = False) -> bool:
         """Whether the entry is complete: every array file present with its recorded size, and a
-        float16 header of the recorded shape; with `verify`, also every array's SHA-256."""
+        float16 header of the recorded shape.
+
+        With `verify`, also whether every array's SHA-256 is the recorded one: trusted without
+        hashing when the entry's marker records every file's current size and mtime, otherwise
+        recomputed (and, when all match, the marker written, so that the next check is cheap).
+        `full_check` (implies `verify`) ignores the marker and always recomputes the checksums:
+        the only check that catches bytes changed in place with the file's size and mtime kept.
+        A failed checksum removes the marker.
+        """
         folder = self.entry_dir(record)
         try:
+            meta_stat = os.stat(folder / META_FILE)  # before reading: a marker must not vouch for a later meta.json
             meta = json.loads((folder / META_FILE).read_text())
             if meta.get("format") != CACHE_FORMAT or not meta["arrays"]:
                 return False
+            stats = {META_FILE: [meta_stat.st_size, meta_stat.st_mtime_ns]}
             for name, info in meta["arrays"].items():
                 path = folder / f"{name}.npy"
-                if os.stat(path).st_size != info["bytes"]:
+                stat = os.stat(path)
+                if stat.st_size != info["bytes"]:
                     return False
                 shape, dtype = _read_npy_header(path)
                 if list(shape) != info["shape"] or dtype != np.float16:
                     return False
-                if verify and _sha256(np.load(path, mmap_mode="r")) != info["sha256"]:
+                stats[path.name] = [stat.st_size, stat.st_mtime_ns]
+            if not (verify or full_check):
+                return True
+            if not full_check and _read_marker(folder) == stats:
+                return True  # verified before, and no file changed since
+            for name, info in meta["arrays"].items():
+                if _sha256(np.load(folder / f"{name}.npy", mmap_mode="r")) != info["sha256"]:
+                    (folder / VERIFIED_FILE).unlink(missing_ok=True)
                     return False
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+            if _file_stats(folder, list(stats)) == stats:  # nothing changed while hashing
+                self._mark(folder, stats)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError):
             return False
         return True
 
@@ -195,8 +287,9 @@ class EmbeddingCache:
                 meta["arrays"][name] = {"shape": list(half.shape), "bytes": os.stat(path).st_size,
                                         "sha256": _sha256(half)}
             (temp / META_FILE).write_text(json.dumps(meta))
-            if final.exists() and not self.is_valid(record, verify=True):
-                self._discard(final)  # a corrupt entry is replaced
+            self._mark_new_entry(temp, [META_FILE] + [f"{name}.npy" for name in meta["arrays"]])
+            if final.exists() and not self.is_valid(record, full_check=True):
+                self._discard(final)  # a corrupt entry is replaced (one whose marker is fooled, too)
             try:
                 os.rename(temp, final)
                 return True
@@ -207,6 +300,26 @@ class EmbeddingCache:
                 return False
         finally:
             shutil.rmtree(temp, ignore_errors=True)
+
+    @staticmethod
+    def _mark(folder: Path, stats: dict[str, list[int]]) -> None:
+        """Write the marker of an entry whose checksums all matched, once its files are on disk.
+        If they cannot be flushed (or the marker written), the entry stays unmarked: hashed when
+        next verified, and valid all the same."""
+        try:
+            _flush_to_disk([folder / name for name in stats])
+        except OSError:
+            return
+        _write_marker(folder, stats)
+
+    @classmethod
+    def _mark_new_entry(cls, folder: Path, names: list[str]) -> None:
+        """Mark an entry just written (its checksums just computed): date its files back
+        (`BACKDATE_NS`, so that any later rewrite changes their mtime), then `_mark` it."""
+        for name in names:
+            back = os.stat(folder / name).st_mtime_ns - BACKDATE_NS
+            os.utime(folder / name, ns=(back, back))
+        cls._mark(folder, _file_stats(folder, names))
 
     @staticmethod
     def _discard(folder: Path) -> None:
@@ -244,7 +357,7 @@ class EmbeddingCache:
         return ResidentEmbeddings({(r.image_id, r.view): row for row, r in enumerate(unique)}, arrays)
 
     def entry_bytes(self, record: SliceRecord) -> int:
-        """Bytes one entry takes on disk (its array files and meta.json)."""
+        """Bytes one entry takes on disk (its array files, meta.json and its marker)."""
         return sum(path.stat().st_size for path in self.entry_dir(record).iterdir())
 
     def remove_stale_temp_folders(self, older_than_s: float = 3600.0) -> int:
@@ -264,13 +377,16 @@ class EmbeddingCache:
     # --- filling ----------------------------------------------------------------------------------
 
     def ensure(self, backbone, dataset: PreparedDataset, records: list[SliceRecord], *, batch_size: int | None = None,
-               verify: bool = True, progress: bool = True) -> EncodeCounts:
+               verify: bool = True, full_check: bool = False, progress: bool = True) -> EncodeCounts:
         """Encode every record not yet validly cached, in batches of images of equal size.
 
         `batch_size` None takes `DEFAULT_ENCODE_BATCH` for the backbone's device type. Returns the
         counts of this call (also added to `self.counts`), one per distinct image (entry): hits
         were already cached (by this store or by another holding the same image), misses were
-        encoded now, corrupt ones failed `is_valid(verify=verify)` and were encoded again.
+        encoded now, corrupt ones failed `is_valid(verify=verify, full_check=full_check)` and were
+        encoded again. With `verify`, entries verified before are trusted by their files' size and
+        mtime (see the module docstring); `full_check` re-hashes every entry regardless (slow on a
+        large cache, but it also catches damage that kept a file's size and mtime).
         Safe to run in several processes at once (each entry is written atomically); it can run
         inside a Ray task, as it takes and returns plain objects.
         """
@@ -284,7 +400,7 @@ class EmbeddingCache:
             if record.image_sha256 in seen:  # one entry per distinct image
                 continue
             seen.add(record.image_sha256)
-            if self.is_valid(record, verify=verify):
+            if self.is_valid(record, verify=verify, full_check=full_check):
                 counts.hits += 1
                 continue
             if self.entry_dir(record).exists():

@@ -117,8 +117,10 @@ class _StageWorker:
 
         self.residency = Residency()
 
-    def encode(self, backbone: str, weights: str, prepared_root: str, cache_root: str, image_ids: list) -> dict:
-        return stages.encode_shard(backbone, weights, prepared_root, cache_root, image_ids, residency=self.residency)
+    def encode(self, backbone: str, weights: str, prepared_root: str, cache_root: str, image_ids: list,
+               full_check: bool) -> dict:
+        return stages.encode_shard(backbone, weights, prepared_root, cache_root, image_ids, residency=self.residency,
+                                   full_check=full_check)
 
     def zero_shot(self, backbone: str, prompt: str, target: str | None, context: stages.StudyContext):
         return stages.zero_shot(backbone, prompt, context, node=_node_id(), target=target, residency=self.residency)
@@ -156,10 +158,10 @@ class StageWorkers:
                 on_done(index, result)
 
     def encode(self, jobs: list[tuple[str, str, str, list]], cache_root: str,
-               progress: Callable[[int, dict], None]) -> None:
+               progress: Callable[[int, dict], None], full_check: bool = False) -> None:
         """One call per (backbone, weights, prepared store, shard of image ids); `progress(images_done,
-        counts)` after each."""
-        self._run([("encode", (b, w, root, cache_root, ids)) for b, w, root, ids in jobs],
+        counts)` after each; `full_check` re-hashes existing entries."""
+        self._run([("encode", (b, w, root, cache_root, ids, full_check)) for b, w, root, ids in jobs],
                   lambda i, counts: progress(len(jobs[i][3]), counts))
 
     def zero_shot(self, evaluations: list[tuple[str, str, str | None]], context: stages.StudyContext,

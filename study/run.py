@@ -1,4 +1,4 @@
-"""`python -m study.run grid.yaml [--dry-run] [--fresh] [--address ADDR]`: run a study.
+"""`python -m study.run grid.yaml [--dry-run] [--fresh] [--verify-cache] [--address ADDR]`: run a study.
 
 Validates the study file, prints the plan, then runs the stages. A user mistake (a bad key, a
 missing file) is printed as one paragraph with exit status 2, never as a traceback.
@@ -17,6 +17,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("config", help="the study file (grid.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit")
     parser.add_argument("--fresh", action="store_true", help="start the study over instead of resuming it")
+    parser.add_argument("--verify-cache", action="store_true",
+                        help="re-hash every embedding cache entry (by default an entry verified once is trusted "
+                             "while its files keep their size and mtime)")
     parser.add_argument("--address", help="Ray cluster address (overrides ray.address and RAY_ADDRESS)")
     return parser.parse_args(argv)
 
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from study.runner import format_summary, run_study
 
-    outcome = run_study(config, plan_text, fresh=args.fresh)
+    outcome = run_study(config, plan_text, fresh=args.fresh, verify_cache=args.verify_cache)
     print(format_summary(outcome))
     return 0
 

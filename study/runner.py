@@ -31,7 +31,7 @@ from study.config import StudyConfig, config_hash, resolved_dict, write_resolved
 from study.data.prepare import prepare_dataset
 from study.ledger import RUN_STATUS, TrialEntry, TrialLedger
 from study.plan import search_plan, study_axes
-from study.tracking import StudyTracker
+from study.tracking import StudyTracker, run_name
 from trainables.backbones import BACKBONES, get_spec, read_checkpoint, resolve_weights
 from trainables.prompts import load_prompt_file
 from trainables.trial import BEST_DECODER_FILE
@@ -81,7 +81,7 @@ def _trial_params(config: dict, info: dict) -> dict:
 
 
 def run_study(config: StudyConfig, plan_text: str, *, fresh: bool = False, address: str | None = None,
-              num_cpus: int | None = None) -> StudyOutcome:
+              num_cpus: int | None = None, verify_cache: bool = False) -> StudyOutcome:
     from study import ray_tune  # Ray is imported only when a study really runs
 
     # Checkpoints resolve, and are read once, before the study folder is claimed and before any
@@ -96,7 +96,8 @@ def run_study(config: StudyConfig, plan_text: str, *, fresh: bool = False, addre
     if config.prompts.file:  # the same for a prompts file
         load_prompt_file(Path(config.prompts.file))
     with study_lock(config.study_dir):
-        return _run_locked(ray_tune, config, plan_text, weights, fresh=fresh, address=address, num_cpus=num_cpus)
+        return _run_locked(ray_tune, config, plan_text, weights, fresh=fresh, address=address, num_cpus=num_cpus,
+                           verify_cache=verify_cache)
 
 
 @contextmanager
@@ -130,7 +131,7 @@ def study_lock(study_dir: Path):
 
 
 def _run_locked(ray_tune, config: StudyConfig, plan_text: str, weights: dict, *, fresh: bool, address: str | None,
-                num_cpus: int | None) -> StudyOutcome:
+                num_cpus: int | None, verify_cache: bool) -> StudyOutcome:
     study_dir = _claim_study_dir(config, fresh)
     targets = config.data.targets()
     datasets = [prepare_dataset(config, target=target) for target in targets]
@@ -162,8 +163,11 @@ def _run_locked(ray_tune, config: StudyConfig, plan_text: str, weights: dict, *,
         tracker.start_parent(config.study.name, config_hash(config), study_dir / "resolved.yaml", plan_text,
                              resolved_dict(config), fresh=fresh)
         with ray_tune.ray_session(address or config.ray.address, num_cpus=num_cpus) as resources:
+            warning = idle_gpu_warning(resources, config.resources.gpus_per_trial)
+            if warning:
+                print(warning, flush=True)
             with ray_tune.stage_workers(int(resources.get("GPU") or resources.get("CPU", 1))) as workers:
-                _encode(workers, config, datasets, weights, context)
+                _encode(workers, config, datasets, weights, context, verify_cache)
                 if config.baseline.zero_shot:
                     _zero_shot(workers, config, context, tracker, info)
             _tune(ray_tune, config, plan, context, tracker, info)
@@ -171,7 +175,21 @@ def _run_locked(ray_tune, config: StudyConfig, plan_text: str, weights: dict, *,
         counts = stages.collect_results(study_dir, list(study_axes(config)) + list(plan.ranges), info)
         report_dir = _report(config, study_dir, tracker)
         command = tracker.mlflow_ui_command()
-    return StudyOutcome(study_dir, counts, report_dir, command)
+        if not tracker.remote:
+            command += f", then open {tracker.experiment_url()}"
+        outcome = StudyOutcome(study_dir, counts, report_dir, command)
+        tracker.describe_parent(format_summary(outcome))
+    return outcome
+
+
+def idle_gpu_warning(resources: dict, gpus_per_trial: float) -> str | None:
+    """A warning when the cluster has GPUs that the trials will not use (gpus_per_trial 0)."""
+    gpus = resources.get("GPU", 0)
+    if gpus and not gpus_per_trial:
+        return (f"warning: the cluster has {gpus:g} GPU(s) but resources.gpus_per_trial is 0, so the trials "
+                f"train on CPU (only encode and zero-shot use the GPUs). Set resources.gpus_per_trial (e.g. 0.25: "
+                f"four trials per GPU) in the study file to train on them.")
+    return None
 
 
 def encode_keys(datasets: list) -> list[tuple[str, list[tuple[str, int]]]]:
@@ -192,9 +210,10 @@ def encode_keys(datasets: list) -> list[tuple[str, list[tuple[str, int]]]]:
     return out
 
 
-def _encode(workers, config: StudyConfig, datasets: list, weights: dict, context) -> None:
+def _encode(workers, config: StudyConfig, datasets: list, weights: dict, context, full_check: bool) -> None:
     """One call per (backbone, store, shard); shards of at most ENCODE_SHARD images, at least one per
-    worker; every distinct image of the study's stores once (`encode_keys`)."""
+    worker; every distinct image of the study's stores once (`encode_keys`). Existing entries are
+    verified by their hash once, later by their files' size and mtime; `full_check` re-hashes all."""
     per_store = encode_keys(datasets)
     total = sum(len(keys) for _, keys in per_store)
     size = max(1, min(ENCODE_SHARD, -(-total // max(len(workers.actors), 1))))
@@ -208,7 +227,7 @@ def _encode(workers, config: StudyConfig, datasets: list, weights: dict, context
         for key in totals:
             totals[key] += counts[key]
 
-    workers.encode(jobs, context.cache_root, progress)
+    workers.encode(jobs, context.cache_root, progress, full_check)
     bar.close()
     print(f"Embedding cache: {totals['misses']} encoded, {totals['hits']} reused, "
           f"{totals['corrupt']} corrupt entries re-encoded", flush=True)
@@ -219,8 +238,14 @@ def epoch_metrics(result: dict) -> dict[str, float]:
     return {logged: float(result[key]) for key, logged in EPOCH_METRICS.items() if key in result}
 
 
-def _finish(tracker: StudyTracker, entry: TrialEntry) -> None:
-    """Show a final ledger entry in MLflow: its metrics, tables and checkpoint, and its status."""
+def _finish(tracker: StudyTracker, entry: TrialEntry, info: dict) -> None:
+    """Show a final ledger entry in MLflow: its metrics, tables and checkpoint, and its status
+    (nothing to do when its run shows that status already: a resumed study's finished trial)."""
+    shown = tracker.trial_status(entry.trial_id)
+    if shown == str(entry.status):
+        return
+    if shown is None:  # no run yet (its driver was killed before it opened one)
+        _open_run(tracker, entry.trial_id, entry.stage, entry.params, info)
     folder = TrialLedger(tracker.study_dir).folder(entry.trial_id)
     artifacts = {name: folder / name for name in ("per_image.csv", "per_subject.csv", "history.csv")
                  if (folder / name).exists()}
@@ -232,17 +257,16 @@ def _finish(tracker: StudyTracker, entry: TrialEntry) -> None:
 
 
 def _open_run(tracker: StudyTracker, name: str, stage: str, params: dict, info: dict) -> None:
-    """The trial's MLflow run, created or reopened, with its params."""
-    tracker.trial_run(name, stage, _trial_params(params, info[params["backbone"]]))
+    """The trial's MLflow run, created or reopened (RUNNING), with its params and configuration name."""
+    tracker.trial_run(name, stage, _trial_params(params, info[params["backbone"]]), run_name=run_name(params, stage))
 
 
 def _show_ledger_in_mlflow(context, tracker: StudyTracker, info: dict) -> None:
     """MLflow as a view of the ledger: every final entry whose run does not show its status yet
     (a driver killed between the two writes, say) is shown now."""
     for entry in TrialLedger(context.study_dir).entries():
-        if entry.final and tracker.trial_status(entry.trial_id) != str(entry.status):
-            _open_run(tracker, entry.trial_id, entry.stage, entry.params, info)
-            _finish(tracker, entry)
+        if entry.final:
+            _finish(tracker, entry, info)
 
 
 def zero_shot_runs(config: StudyConfig) -> list[tuple[str, str, str | None]]:
@@ -257,13 +281,13 @@ def _zero_shot(workers, config: StudyConfig, context, tracker: StudyTracker, inf
     for backbone, prompt, target in pairs:
         params = {"backbone": backbone, "prompt": prompt, **({"target": target} if target else {})}
         name = zero_shot_id(backbone, prompt, target)
-        ledger.plan(name, "zero_shot", params)
-        _open_run(tracker, name, "zero_shot", params, info)
+        if not ledger.plan(name, "zero_shot", params).final:
+            _open_run(tracker, name, "zero_shot", params, info)
     bar = tqdm(total=len(pairs), desc="zero-shot", unit="eval")
     errors: list[TrialEntry] = []
 
     def on_result(entry: TrialEntry) -> None:
-        _finish(tracker, entry)
+        _finish(tracker, entry, info)
         if entry.user_error:
             errors.append(entry)
         bar.update(1)
@@ -282,7 +306,9 @@ def _tune(ray_tune, config: StudyConfig, plan, context, tracker: StudyTracker, i
             ledger.plan(trial_id(params), "finetune", params)
 
     def on_start(params: dict) -> None:
-        _open_run(tracker, trial_id(params), "finetune", params, info)
+        entry = ledger.read(trial_id(params))
+        if entry is None or not entry.final:  # a finished trial's run stays as it is
+            _open_run(tracker, trial_id(params), "finetune", params, info)
 
     def on_epoch(params: dict, result: dict) -> None:
         name = trial_id(params)
@@ -300,11 +326,11 @@ def _tune(ray_tune, config: StudyConfig, plan, context, tracker: StudyTracker, i
         if entry is None or not entry.final:  # the scheduler stopped it: test its best epoch now
             ledger.stopped(name, last_epoch.get(name) or (entry.stop_after if entry else 0) or 0)
             return "finalise"
-        _finish(tracker, entry)
+        _finish(tracker, entry, info)
         return "user_error" if entry.user_error else None
 
     handlers = ray_tune.TrialHandlers(on_start=on_start, on_epoch=on_epoch, on_end=on_end, on_crash=on_crash,
-                                      on_finalised=lambda entry: _finish(tracker, entry))
+                                      on_finalised=lambda entry: _finish(tracker, entry, info))
     outcome = ray_tune.run_tune(plan, context, cpus=config.resources.cpus_per_trial,
                                 gpus=config.resources.gpus_per_trial, max_concurrent=config.resources.max_concurrent,
                                 max_failures=config.resources.max_failures, handlers=handlers)

@@ -76,10 +76,11 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 def encode_shard(backbone_name: str, weights: str, prepared_root: str, cache_root: str,
-                 image_ids: list[tuple[str, int]], residency=None) -> dict:
+                 image_ids: list[tuple[str, int]], residency=None, full_check: bool = False) -> dict:
     """Fill the embedding cache for some images of one prepared store; returns hit/miss/corrupt counts
     (per distinct image: an image another store holds too is a hit once encoded for either).
-    `residency` (a worker's `trainables.residency.Residency`) keeps the built backbone for the next shard."""
+    `residency` (a worker's `trainables.residency.Residency`) keeps the built backbone for the next shard;
+    `full_check` re-hashes entries that were verified before (`EmbeddingCache.ensure`)."""
     from trainables.residency import Residency, retain_freed_memory
 
     retain_freed_memory()  # as a trial does: large activations without page faults
@@ -88,7 +89,7 @@ def encode_shard(backbone_name: str, weights: str, prepared_root: str, cache_roo
     records = [r for r in dataset.records if (r.image_id, r.view) in wanted]
     backbone = (residency or Residency()).backbone(backbone_name, weights, None, _device())
     cache = EmbeddingCache.for_backbone(Path(cache_root), backbone, dataset.key)
-    return asdict(cache.ensure(backbone, dataset, records, verify=True, progress=False))
+    return asdict(cache.ensure(backbone, dataset, records, verify=True, full_check=full_check, progress=False))
 
 
 def _spec(params: dict, context: StudyContext, name: str, stage: str):

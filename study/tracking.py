@@ -4,22 +4,34 @@ Only the study driver process talks to MLflow (a SQLite store takes one writer a
 workers report to the driver, never to MLflow). `StudyTracker` writes the layout that
 `analysis.results.load_from_mlflow` reads back:
 
-- one experiment per study (`tracking.experiment`, by default the study name);
-- one parent run, run name = study name, tags `sam_study.role=parent` and
-  `sam_study.config_hash`; the resolved config flattened to params where a value is short, and
+- one experiment (`tracking.experiment`, by default the study name; several studies may share
+  one), tagged `mlflow.experimentKind=custom_model_development` (MLflow 3's "Machine learning"
+  kind, whose page is the table of training runs rather than GenAI traces). MLflow 3.17's UI
+  picks the view from the URL instead, so `experiment_url()` names it: the runs table
+  (`workflowType=machine_learning`), sorted by test Dice so the trial runs are rows of their own;
+- one parent run per study, run name = study name, tags `sam_study.role=parent`,
+  `sam_study.study` (the study name) and `sam_study.config_hash`; its description
+  (`mlflow.note.content`) holds the plan while the study runs and the one-screen summary once it
+  ends (`describe_parent`); the resolved config flattened to params where a value is short, and
   the artifacts `resolved.yaml` and `plan.txt` (the report is added later under `report/`);
 - one nested run per trial or zero-shot evaluation (tag `mlflow.parentRunId` = the parent),
-  tags `sam_study.role=trial`, `sam_study.stage` (zero_shot | finetune), `sam_study.trial_id`,
+  named after its configuration (`run_name`, e.g. `litemedsam · adamw · dice · box · s0`, or
+  `zero-shot · litemedsam · box`; the trial id when the driver passes no name), tags
+  `sam_study.role=trial`, `sam_study.stage` (zero_shot | finetune), `sam_study.trial_id`,
   `sam_study.status` (and `sam_study.failure_reason` when a trial fails); params = what the
   driver passes (every factor, `family`, `image_encoder_params`); per-epoch metrics with
   step = epoch; final metrics (test_dice, test_iou, test_miou, test_hd95, epochs_run, seconds,
   best_epoch) at step = epochs run; the artifact `per_image.csv` at the run's artifact root and
   optional files (best decoder checkpoint, overlay PNGs) under sub-folders.
 
+A study's runs are its parent (found by `sam_study.study` and `sam_study.config_hash`) and the
+runs nested under it: `--fresh` deletes only those, and `load_from_mlflow` reads only those.
+
 Resume and crash safety: nothing is kept only in memory. A parent is found again by its tags, a
 trial's run by its `sam_study.trial_id` tag under that parent, and the steps a run already has
 are read from its metric history the first time this process touches it, so re-running the same
-study after a SIGKILL neither opens a second run for a trial nor logs an epoch twice. `close()`
+study after a SIGKILL neither opens a second run for a trial nor logs an epoch twice, and a trial
+finished again with the same outcome does not upload its artifacts again. `close()`
 ends the parent and marks every nested run still RUNNING as KILLED, so no run stays RUNNING once
 a study ends or fails.
 
@@ -36,11 +48,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 import shlex
 import shutil
 import tempfile
 import time
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -59,8 +74,13 @@ TRIAL_ID_TAG = "sam_study.trial_id"
 STATUS_TAG = "sam_study.status"
 REASON_TAG = "sam_study.failure_reason"
 CONFIG_HASH_TAG = "sam_study.config_hash"
+STUDY_TAG = "sam_study.study"  # the parent's study name: which parent runs are this study's
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
+# MLflow 3's experiment kind: "custom_model_development" is the UI's "Machine learning" kind (the
+# other is "genai_development"), whose experiment page opens on the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 STAGES = ("zero_shot", "finetune")
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -75,9 +95,16 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 SHORT_PARAM_CHARS = 250  # parent params longer than this stay in resolved.yaml only
 MAX_REASON_CHARS = 5000
+MAX_NOTE_CHARS = 8000  # MLflow's limit on a tag value
+MAX_RUN_NAME_CHARS = 250
+NAME_FACTORS = ("target", "backbone", "optimizer", "loss", "prompt")  # in a run name, in this order
+NAME_SEPARATOR = " · "
 PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 METRICS_PER_BATCH = 1000
 UI_PORT = 5000
+# The query of experiment_url: MLflow 3's "Model training" view (the runs table), best test Dice first.
+RUNS_VIEW_QUERY = urllib.parse.urlencode({"workflowType": "machine_learning", "orderByKey": "metrics.`test_dice`",
+                                          "orderByAsc": "false"})
 
 
 def set_http_defaults() -> None:
@@ -102,6 +129,41 @@ def flatten_params(values: Mapping, prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)
     return flat
+
+
+def _short_number(value: float) -> str:
+    """`value` with 2 significant digits, as a person writes it: 1e-4, 3.2e-5, 0.05, 0.3, 12."""
+    value = float(value)
+    if value != 0 and math.isfinite(value) and not 1e-2 <= abs(value) < 1e4:
+        mantissa, exponent = f"{value:.1e}".split("e")
+        return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+    return f"{value:.2g}"
+
+
+def run_name(params: Mapping, stage: str) -> str:
+    """The MLflow run name of a trial: its configuration, readable in the UI's runs table.
+
+    A fine-tune trial: the values of target, backbone, optimizer, loss and prompt (those present,
+    in this order), then every float-valued param (a learning rate, a searched range) as
+    `lr=1e-4` with 2 significant digits, in key order, then `s{seed}` when `seed` is a param,
+    joined with " · ": `litemedsam · adamw · dice · box · lr=1e-4 · s0`. A zero-shot evaluation:
+    `zero-shot · {backbone} · {prompt}` (`eval_prompt` when there is no `prompt`), then
+    ` · {target}` when present. At most 250 characters (MLflow's limit).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+    if stage == "zero_shot":
+        prompt = params.get("prompt", params.get("eval_prompt"))
+        parts = ["zero-shot", *(str(value) for value in (params.get("backbone"), prompt, params.get("target"))
+                                if value is not None)]
+    else:
+        parts = [str(params[key]) for key in NAME_FACTORS if params.get(key) is not None]
+        parts += [f"{key}={_short_number(value)}" for key, value in sorted(params.items(), key=lambda kv: str(kv[0]))
+                  if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)
+                  and key not in NAME_FACTORS]
+        if params.get("seed") is not None:
+            parts.append(f"s{params['seed']}")
+    return NAME_SEPARATOR.join(parts)[:MAX_RUN_NAME_CHARS]
 
 
 def _quoted(value: str, what: str) -> str:
@@ -155,11 +217,17 @@ class StudyTracker:
     # --- the experiment and the parent run ---------------------------------------------------
 
     def _open_experiment(self) -> str:
+        """The experiment's id, created when there is none, tagged with MLflow 3's experiment kind.
+
+        An experiment of another kind (someone chose one in the UI) keeps it; one without the tag
+        (older MLflow, or created by hand) gets `mlflow.experimentKind=custom_model_development`.
+        """
         found = self._client.get_experiment_by_name(self.experiment_name)
         if found is None:
             location = self.artifact_root.as_uri() if self.artifact_root else None
             try:
-                return self._client.create_experiment(self.experiment_name, artifact_location=location)
+                return self._client.create_experiment(self.experiment_name, artifact_location=location,
+                                                      tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except MlflowException as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -176,35 +244,39 @@ class StudyTracker:
             log.warning("MLflow experiment %r keeps its artifacts in %s, not in %s (was the study folder moved?); "
                         "new artifacts go to the former.", self.experiment_name, found.artifact_location,
                         self.artifact_root.as_uri())
+        if not found.tags.get(EXPERIMENT_KIND_TAG):
+            self._client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
 
     def start_parent(self, study_name: str, config_hash: str, resolved_yaml_path: Path, plan_text: str,
                      params: Mapping, fresh: bool = False) -> str:
         """Open (or, on a resume, reopen) the study's parent run and return its run id.
 
-        The parent is the active run of this experiment tagged `sam_study.role=parent` and
-        `sam_study.config_hash=config_hash`; when there is none, one is created with run name
-        `study_name`. Either way it is marked RUNNING, `params` (the resolved config; nested dicts
-        are flattened to dotted keys) are logged where their value is at most 250 characters and
-        not yet logged, and `resolved_yaml_path` and `plan_text` are logged as the artifacts
-        `resolved.yaml` and `plan.txt`.
+        The parent is the active run of this experiment tagged `sam_study.role=parent`,
+        `sam_study.study=study_name` and `sam_study.config_hash=config_hash`; when there is none,
+        one is created with run name `study_name`. Either way it is marked RUNNING, `params` (the
+        resolved config; nested dicts are flattened to dotted keys) are logged where their value
+        is at most 250 characters and not yet logged, `plan_text` becomes the run's description
+        (until `describe_parent` replaces it), and `resolved_yaml_path` and `plan_text` are logged
+        as the artifacts `resolved.yaml` and `plan.txt`.
 
-        `fresh=True` (the `--fresh` command-line flag) first deletes every run of this study in
-        the experiment (MLflow's soft delete: `mlflow runs restore` brings one back), so the study
-        starts over with a new parent. Parents of another config hash are left alone, and a
-        warning names them: `load_from_mlflow` reads every trial run of the experiment, so the
-        driver should not mix configurations in one experiment without `fresh`.
+        `fresh=True` (the `--fresh` command-line flag) first deletes this study's runs: its parent
+        runs (tag `sam_study.study=study_name`, whatever their config hash) and every run nested
+        under them (MLflow's soft delete: `mlflow runs restore` brings one back), so the study
+        starts over with a new parent. Other studies' runs in the same experiment are left alone.
+        Without `fresh`, parents of this study with another config hash stay, and a warning
+        names them (`load_from_mlflow` reads one parent's trial runs at a time).
         """
         with self._store_errors("opening the study's parent run"):
             if fresh:
-                self._delete_study_runs()
-            parents = self._search(f"tags.`{ROLE_TAG}` = 'parent'")
+                self._delete_study_runs(study_name)
+            parents = self._study_parents(study_name)
             same = [run for run in parents if run.data.tags.get(CONFIG_HASH_TAG) == config_hash]
             others = [run for run in parents if run.data.tags.get(CONFIG_HASH_TAG) != config_hash]
             if others:
-                log.warning("MLflow experiment %r also holds parent run(s) %s of another configuration (config hash "
-                            "%s); their trial runs stay in the experiment.", self.experiment_name,
-                            ", ".join(run.info.run_id for run in others),
+                log.warning("MLflow experiment %r also holds parent run(s) %s of study %r with another configuration "
+                            "(config hash %s); their trial runs stay in the experiment.", self.experiment_name,
+                            ", ".join(run.info.run_id for run in others), study_name,
                             ", ".join(sorted({str(run.data.tags.get(CONFIG_HASH_TAG)) for run in others})))
             if same:
                 run = same[0]  # oldest first
@@ -214,7 +286,7 @@ class StudyTracker:
                 existing = run.data.params
             else:
                 run = self._client.create_run(self.experiment_id, run_name=study_name, tags={
-                    ROLE_TAG: "parent", CONFIG_HASH_TAG: config_hash, "sam_study.study": study_name})
+                    ROLE_TAG: "parent", CONFIG_HASH_TAG: config_hash, STUDY_TAG: study_name})
                 self.parent_run_id = run.info.run_id
                 existing = {}
             self._closed = False
@@ -225,18 +297,39 @@ class StudyTracker:
                 log.warning("parent run %s keeps its first value of param(s) %s (MLflow params cannot change); "
                             "resolved.yaml holds the current ones.", self.parent_run_id, ", ".join(changed[:10]))
             self._log_params(self.parent_run_id, {k: v for k, v in short.items() if k not in existing})
-            self._client.set_tag(self.parent_run_id, NOTE_TAG, plan_text[:MAX_REASON_CHARS])
+            self._client.set_tag(self.parent_run_id, NOTE_TAG, plan_text[:MAX_NOTE_CHARS])
             self._log_artifact_at(self.parent_run_id, "resolved.yaml", Path(resolved_yaml_path))
             self._log_file_as(self.parent_run_id, "plan.txt", text=plan_text)
         self._write_tracking_json()
         return self.parent_run_id
 
-    def _delete_study_runs(self) -> None:
-        for role in ("trial", "parent"):
-            for run in self._search(f"tags.`{ROLE_TAG}` = '{role}'"):
+    def _study_parents(self, study_name: str) -> list:
+        """The active parent runs of `study_name` in the experiment, oldest first.
+
+        Matched in Python rather than in the search filter, which cannot hold every name.
+        """
+        return [run for run in self._search(f"tags.`{ROLE_TAG}` = 'parent'")
+                if run.data.tags.get(STUDY_TAG) == study_name]
+
+    def _delete_study_runs(self, study_name: str) -> None:
+        """Soft-delete the parent runs of `study_name` and every run nested under them."""
+        for parent in self._study_parents(study_name):
+            parent_id = parent.info.run_id
+            for run in self._search(f"tags.`{PARENT_TAG}` = {_quoted(parent_id, 'run id')}"):
                 self._client.delete_run(run.info.run_id)
+            self._client.delete_run(parent_id)
         self._run_of_trial.clear()
         self._steps_of_run.clear()
+
+    def describe_parent(self, text: str) -> None:
+        """Make `text` (the study's one-screen summary) the parent run's description in the MLflow UI.
+
+        The description is the tag `mlflow.note.content`, at most 8000 characters (MLflow's limit
+        on a tag value); start_parent sets it to the plan, the driver replaces it once the study ends.
+        """
+        self._require_parent()
+        with self._store_errors("describing the study's parent run"):
+            self._client.set_tag(self.parent_run_id, NOTE_TAG, str(text)[:MAX_NOTE_CHARS])
 
     def log_parent_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         """Log every file under `folder` on the parent run, under `artifact_path` (e.g. "report")."""
@@ -246,14 +339,17 @@ class StudyTracker:
 
     # --- trial runs -----------------------------------------------------------------------------
 
-    def trial_run(self, trial_id: str, stage: str, params: Mapping, tags: Mapping | None = None) -> str:
+    def trial_run(self, trial_id: str, stage: str, params: Mapping, tags: Mapping | None = None,
+                  run_name: str | None = None) -> str:
         """The run of `trial_id` under the parent: found by its tag, created when there is none.
 
         Call it when a trial starts or resumes work: the run is (re)marked RUNNING with
         `sam_study.status=RUNNING`. `params` (every factor, `family`, `image_encoder_params`; values
         are logged as `str(value)`) are logged where not yet present; a param already logged with
         another value raises ValueError (a trial's configuration never changes). `tags` are set on
-        the run (e.g. the prompt jitter actually used). Returns the run id.
+        the run (e.g. the prompt jitter actually used). `run_name` (e.g. the module's
+        `run_name(params, stage)`) names the run, the trial id when None; a run found under
+        another name is renamed, one found without `run_name` keeps its name. Returns the run id.
         """
         if stage not in STAGES:
             raise ValueError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
@@ -261,14 +357,15 @@ class StudyTracker:
         with self._store_errors(f"opening the run of trial {trial_id}"):
             run = self._find_trial_run(trial_id)
             if run is None:
-                run = self._client.create_run(self.experiment_id, run_name=trial_id, tags={
+                run = self._client.create_run(self.experiment_id, run_name=run_name or trial_id, tags={
                     PARENT_TAG: self.parent_run_id, ROLE_TAG: "trial", STAGE_TAG: stage, TRIAL_ID_TAG: trial_id,
                     STATUS_TAG: RUNNING_TRIAL_STATUS})
                 existing_params, existing_tags = {}, {}
             else:
                 existing_params, existing_tags = run.data.params, run.data.tags
-                if run.info.status != "RUNNING":
-                    self._client.update_run(run.info.run_id, status="RUNNING")
+                renamed = run_name if run_name and run_name != run.info.run_name else None
+                if run.info.status != "RUNNING" or renamed:
+                    self._client.update_run(run.info.run_id, status="RUNNING", name=renamed)
             run_id = run.info.run_id
             self._run_of_trial[trial_id] = run_id
             wanted = {str(key): str(value) for key, value in params.items()}
@@ -313,20 +410,32 @@ class StudyTracker:
             `sam_study.failure_reason`.
         trial_status: the tag `sam_study.status`, the trial's status as results/trials.csv writes
             it; by default TERMINATED, ERROR or KILLED for FINISHED, FAILED or KILLED.
+
+        Finishing a run again with the same outcome (a resume reporting a finished trial once
+        more: the run already ended with `status` and the same `sam_study.status`) uploads only
+        the artifacts the run does not hold yet and leaves its end time alone; a run that is
+        RUNNING again, or ended otherwise, gets every artifact anew.
         """
         if status not in RUN_STATUSES:
             raise ValueError(f"status {status!r} is not one of {', '.join(RUN_STATUSES)}")
         run_id = self._trial_run_id(trial_id)
         step = int(final_metrics.get("epochs_run") or 0)
+        tags = {STATUS_TAG: trial_status or TRIAL_STATUS_OF_RUN_STATUS[status]}
+        if reason:
+            tags[REASON_TAG] = str(reason)[:MAX_REASON_CHARS]
         with self._store_errors(f"finishing the run of trial {trial_id}"):
+            run = self._client.get_run(run_id)
+            already = run.info.status == status and run.data.tags.get(STATUS_TAG) == tags[STATUS_TAG]
             self._log_metrics(run_id, final_metrics, step)
+            listings: dict[str, set[str]] = {}  # artifact folder -> the paths in it, listed once
             for destination, local in (artifacts or {}).items():
-                self._log_artifact_at(run_id, destination, Path(local))
-            tags = {STATUS_TAG: trial_status or TRIAL_STATUS_OF_RUN_STATUS[status]}
-            if reason:
-                tags[REASON_TAG] = str(reason)[:MAX_REASON_CHARS]
-            self._client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
-            self._client.set_terminated(run_id, status)
+                if not (already and self._has_artifact(run_id, destination, listings)):
+                    self._log_artifact_at(run_id, destination, Path(local))
+            new_tags = [RunTag(key, value) for key, value in tags.items() if run.data.tags.get(key) != value]
+            if new_tags:
+                self._client.log_batch(run_id, tags=new_tags)
+            if not already:
+                self._client.set_terminated(run_id, status)
 
     def trial_status(self, trial_id: str) -> str | None:
         """The `sam_study.status` tag of the trial's run (None when the trial has no run)."""
@@ -376,8 +485,8 @@ class StudyTracker:
     # --- what to tell the user -------------------------------------------------------------------
 
     def mlflow_ui_command(self) -> str:
-        """How to open this study in the MLflow UI: an `mlflow ui` command for a local store, the
-        experiment's URL for a tracking server."""
+        """How to open this study in the MLflow UI: an `mlflow ui` command for a local store (then
+        open `experiment_url()`), the experiment's URL (`experiment_url`) for a tracking server."""
         if self.remote:
             return self.experiment_url(self.tracking_uri)
         parts = ["mlflow", "ui", "--backend-store-uri", shlex.quote(self.tracking_uri)]
@@ -386,8 +495,14 @@ class StudyTracker:
         return " ".join(parts + ["--port", str(UI_PORT)])
 
     def experiment_url(self, base: str = f"http://127.0.0.1:{UI_PORT}") -> str:
-        """The experiment's page in an MLflow UI served at `base`."""
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}"
+        """The experiment's runs table in an MLflow UI served at `base`, trial runs listed flat.
+
+        MLflow 3.17's UI takes the experiment's view from the URL's `workflowType` (else from
+        the browser's last choice, GenAI by default), not from the experiment kind tag, so the
+        URL names the "Model training" view. Sorted by test Dice, best first, the trial runs are
+        rows of their own; the default sort (start time) folds them under the parent run.
+        """
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs?{RUNS_VIEW_QUERY}"
 
     # --- internals ----------------------------------------------------------------------------------
 
@@ -447,6 +562,14 @@ class StudyTracker:
         items = [Param(key, value) for key, value in params.items()]
         for start in range(0, len(items), PARAMS_PER_BATCH):
             self._client.log_batch(run_id, params=items[start:start + PARAMS_PER_BATCH])
+
+    def _has_artifact(self, run_id: str, destination: str, listings: dict[str, set[str]]) -> bool:
+        """Whether the run's artifacts hold `destination` (a file or a folder), as finish_trial names it."""
+        destination = destination.strip("/")
+        folder = destination.rpartition("/")[0]
+        if folder not in listings:
+            listings[folder] = {info.path for info in self._client.list_artifacts(run_id, folder or None)}
+        return destination in listings[folder]
 
     def _log_artifact_at(self, run_id: str, destination: str, local: Path) -> None:
         """Log `local` at `destination` within the run's artifacts (see finish_trial)."""

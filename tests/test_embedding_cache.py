@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from foundation.embedding_cache import TEMP_PREFIX, EmbeddingCache, EncodeCounts
+from foundation import embedding_cache
+from foundation.embedding_cache import TEMP_PREFIX, VERIFIED_FILE, EmbeddingCache, EncodeCounts
 from trainables.backbones import build_backbone
 
 SMALL = 64  # test-only input size: a 4 x 4 embedding grid for SAM, so encoding costs milliseconds
@@ -241,3 +242,167 @@ def test_two_targets_share_the_entries_of_their_common_images(tmp_path, sam_b, t
     twin = next(r for r in whole.records if r.image_sha256 == record.image_sha256)
     assert second.entry_dir(record) == first.entry_dir(twin)
     np.testing.assert_array_equal(second.load(record)["image_embed"], first.load(twin)["image_embed"])
+
+
+# --- verified entries are trusted by their files' size and mtime -------------------------------
+
+
+def _count_hashes(monkeypatch) -> list[int]:
+    """Patch the cache's SHA-256 of an array to record each call (one element per array hashed)."""
+    calls: list[int] = []
+    original = embedding_cache._sha256
+
+    def counting(array):
+        calls.append(1)
+        return original(array)
+
+    monkeypatch.setattr(embedding_cache, "_sha256", counting)
+    return calls
+
+
+def test_a_verified_cache_is_trusted_without_hashing(cache, sam_b, phantom_dataset, monkeypatch):
+    _, dataset = phantom_dataset
+    records = dataset.records_for("val") + dataset.records_for("test")
+    cache.ensure(sam_b, dataset, records, progress=False)
+    assert all((cache.entry_dir(r) / VERIFIED_FILE).is_file() for r in records)  # marked when written
+
+    hashes = _count_hashes(monkeypatch)
+    again = cache.ensure(sam_b, dataset, records, verify=True, progress=False)
+    assert again == EncodeCounts(hits=len(records), misses=0, corrupt=0)
+    assert hashes == []
+    assert all(cache.is_valid(r, verify=True) for r in records) and hashes == []
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_bytes], ids=["truncated", "rewritten_same_size"])
+def test_a_changed_array_of_a_verified_entry_is_found_corrupt_and_encoded_again(cache, sam_b, phantom_dataset,
+                                                                               damage, monkeypatch):
+    _, dataset = phantom_dataset
+    records = dataset.records_for("test")[:3]
+    cache.ensure(sam_b, dataset, records, progress=False)
+    good = np.array(cache.load(records[1])["image_embed"])
+    path = cache.entry_dir(records[1]) / "image_embed.npy"
+    before = os.stat(path)
+    damage(path)  # right after the entry was written: the entry's backdated mtime still changes
+    assert os.stat(path).st_mtime_ns != before.st_mtime_ns or os.stat(path).st_size != before.st_size
+    assert (cache.entry_dir(records[1]) / VERIFIED_FILE).is_file()  # the marker is still there, now stale
+
+    calls = _count_encoded_images(sam_b, monkeypatch)
+    counts = cache.ensure(sam_b, dataset, records, verify=True, progress=False)
+    assert counts == EncodeCounts(hits=2, misses=0, corrupt=1)
+    assert calls == [1]
+    np.testing.assert_array_equal(np.array(cache.load(records[1])["image_embed"]), good)
+    hashes = _count_hashes(monkeypatch)
+    assert cache.ensure(sam_b, dataset, records, verify=True, progress=False) == EncodeCounts(hits=3)
+    assert hashes == []  # the new entry is marked too
+
+
+def test_full_check_rehashes_and_catches_a_change_that_kept_size_and_mtime(cache, sam_b, phantom_dataset,
+                                                                           monkeypatch):
+    _, dataset = phantom_dataset
+    records = dataset.records_for("test")[:3]
+    cache.ensure(sam_b, dataset, records, progress=False)
+    hashes = _count_hashes(monkeypatch)
+    assert cache.ensure(sam_b, dataset, records, full_check=True, progress=False) == EncodeCounts(hits=3)
+    assert len(hashes) == 3  # one array per SAM entry, every one hashed despite the markers
+
+    good = np.array(cache.load(records[1])["image_embed"])
+    path = cache.entry_dir(records[1]) / "image_embed.npy"
+    before = os.stat(path)
+    _flip_bytes(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # size and mtime as they were
+    hashes.clear()
+    # the documented limit of the cheap check: the marker still matches, the entry is trusted
+    assert cache.ensure(sam_b, dataset, records, verify=True, progress=False) == EncodeCounts(hits=3)
+    assert hashes == []
+
+    calls = _count_encoded_images(sam_b, monkeypatch)
+    counts = cache.ensure(sam_b, dataset, records, verify=True, full_check=True, progress=False)
+    assert counts == EncodeCounts(hits=2, misses=0, corrupt=1)
+    assert calls == [1]
+    np.testing.assert_array_equal(np.array(cache.load(records[1])["image_embed"]), good)
+    hashes.clear()
+    assert cache.ensure(sam_b, dataset, records, verify=True, progress=False) == EncodeCounts(hits=3)
+    assert hashes == []
+
+
+def test_a_failed_full_check_removes_the_marker(cache, sam_b, phantom_dataset):
+    _, dataset = phantom_dataset
+    record = dataset.records_for("test")[0]
+    cache.ensure(sam_b, dataset, [record], progress=False)
+    path = cache.entry_dir(record) / "image_embed.npy"
+    before = os.stat(path)
+    _flip_bytes(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert cache.is_valid(record, verify=True)
+    assert not cache.is_valid(record, full_check=True)
+    assert not (cache.entry_dir(record) / VERIFIED_FILE).exists()  # so the damage is not trusted again
+    assert not cache.is_valid(record, verify=True)
+
+
+def _delete(path: Path) -> None:
+    path.unlink()
+
+
+def _garble(path: Path) -> None:
+    path.write_text('{"format": 1, "files": {"meta.json": [')
+
+
+def _other_format(path: Path) -> None:
+    path.write_text(json.dumps({"format": 99, "files": json.loads(path.read_text())["files"]}))
+
+
+def _wrong_stats(path: Path) -> None:
+    marker = json.loads(path.read_text())
+    marker["files"]["image_embed.npy"][1] += 1
+    path.write_text(json.dumps(marker))
+
+
+@pytest.mark.parametrize("spoil", [_delete, _garble, _other_format, _wrong_stats])
+def test_a_missing_or_unreadable_marker_falls_back_to_hashing(cache, sam_b, phantom_dataset, spoil, monkeypatch):
+    _, dataset = phantom_dataset
+    records = dataset.records_for("test")[:3]
+    cache.ensure(sam_b, dataset, records, progress=False)
+    marker = cache.entry_dir(records[1]) / VERIFIED_FILE
+    spoil(marker)
+
+    hashes = _count_hashes(monkeypatch)
+    calls = _count_encoded_images(sam_b, monkeypatch)
+    assert cache.ensure(sam_b, dataset, records, verify=True, progress=False) == EncodeCounts(hits=3)
+    assert len(hashes) == 1 and calls == []  # only the spoiled entry was hashed, and it was good
+    assert json.loads(marker.read_text())["format"] == 1  # and marked again
+    hashes.clear()
+    assert cache.ensure(sam_b, dataset, records, verify=True, progress=False) == EncodeCounts(hits=3)
+    assert hashes == []
+
+
+def test_a_damaged_entry_without_a_marker_is_still_found_by_hashing(cache, sam_b, phantom_dataset, monkeypatch):
+    """An entry of a cache made before markers (or whose marker was lost) gets the full check."""
+    _, dataset = phantom_dataset
+    records = dataset.records_for("test")[:2]
+    cache.ensure(sam_b, dataset, records, progress=False)
+    path = cache.entry_dir(records[0]) / "image_embed.npy"
+    before = os.stat(path)
+    (cache.entry_dir(records[0]) / VERIFIED_FILE).unlink()
+    _flip_bytes(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert not cache.is_valid(records[0], verify=True)
+    assert cache.ensure(sam_b, dataset, records, verify=True, progress=False) == EncodeCounts(hits=1, corrupt=1)
+
+
+def test_no_marker_is_written_into_an_entry_folder_that_is_gone(tmp_path):
+    folder = tmp_path / "discarded"
+    assert not embedding_cache._write_marker(folder, {"meta.json": [1, 2]})
+    assert not folder.exists()
+
+
+def test_an_entry_whose_files_cannot_be_flushed_is_valid_but_unmarked(cache, sam_b, phantom_dataset, monkeypatch):
+    _, dataset = phantom_dataset
+    records = dataset.records_for("test")[:2]
+
+    def failing(paths):
+        raise OSError("no fsync here")
+
+    monkeypatch.setattr(embedding_cache, "_flush_to_disk", failing)
+    assert cache.ensure(sam_b, dataset, records, progress=False) == EncodeCounts(misses=2)
+    assert cache.ensure(sam_b, dataset, records, verify=True, progress=False) == EncodeCounts(hits=2)
+    assert not any((cache.entry_dir(r) / VERIFIED_FILE).exists() for r in records)

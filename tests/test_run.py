@@ -213,5 +213,14 @@ def test_a_corrupt_checkpoint_or_prompts_file_stops_the_study_before_any_worker(
     assert main([str(path)]) == 2
     captured = capsys.readouterr()
     assert str(broken) in captured.err and "Traceback" not in captured.err + captured.out
-    assert len(captured.err.strip().splitlines()) == 1  # one paragraph
+    message = [line for line in captured.err.replace("\r", "\n").splitlines() if str(broken) in line]
+    assert len(message) == 1 and len(message[0]) > 80  # one paragraph: what is wrong and the fix
     assert not (tmp_path / "runs" / bad / "resolved.yaml").exists()
+
+
+def test_a_cluster_with_gpus_and_gpus_per_trial_0_is_warned_about():
+    from study.runner import idle_gpu_warning
+
+    warning = idle_gpu_warning({"CPU": 16, "GPU": 2.0}, 0)
+    assert "2 GPU(s)" in warning and "resources.gpus_per_trial" in warning
+    assert idle_gpu_warning({"CPU": 16, "GPU": 2.0}, 0.25) is None and idle_gpu_warning({"CPU": 2}, 0) is None

@@ -1,4 +1,5 @@
-"""study.tracking: exactly one MLflow run per trial, across a driver crash and a resume.
+"""study.tracking: exactly one MLflow run per trial, across a driver crash and a resume; runs named
+after their configuration; one study's runs apart from another's in a shared experiment.
 
 The stores are real: SQLite stores written through `StudyTracker`, and one real `mlflow server`
 process on 127.0.0.1 read back through its REST API. What the tracker writes is read back with
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from foundation.errors import UserError
-from study.tracking import StudyTracker, flatten_params
+from study.tracking import StudyTracker, flatten_params, run_name
 
 FACTORS = {"backbone": "litemedsam", "optimizer": "adamw", "loss": "dice", "prompt": "box", "eval_prompt": "box",
            "lr": 1e-4, "epochs": 3, "batch_size": 8}
@@ -299,6 +301,177 @@ def test_fresh_deletes_the_previous_runs_and_starts_a_new_parent(shared_db, tmp_
     assert tracker._client.get_run(old_trial).info.lifecycle_stage == "deleted"
 
 
+def test_experiments_are_of_mlflow_3s_machine_learning_kind(resumed, shared_db, tmp_path):
+    embedded = resumed["client"].get_experiment(resumed["tracker"].experiment_id)
+    assert embedded.tags["mlflow.experimentKind"] == "custom_model_development"
+    client = MlflowClient(shared_db)
+    created = StudyTracker(shared_db, "kind-new", tmp_path / "kind-new").experiment_id
+    assert client.get_experiment(created).tags["mlflow.experimentKind"] == "custom_model_development"
+    # an experiment made without the tag (by hand, or by an older tracker) gets it when opened ...
+    untagged = client.create_experiment("untagged", artifact_location=(tmp_path / "untagged").as_uri())
+    assert "mlflow.experimentKind" not in client.get_experiment(untagged).tags
+    StudyTracker(shared_db, "untagged", tmp_path / "untagged")
+    assert client.get_experiment(untagged).tags["mlflow.experimentKind"] == "custom_model_development"
+    # ... and one whose kind someone chose in the UI keeps it
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    StudyTracker(shared_db, "chosen", tmp_path / "chosen")
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_run_name_says_the_configuration():
+    trial = {"backbone": "litemedsam", "optimizer": "adamw", "loss": "dice", "prompt": "box", "eval_prompt": "box",
+             "epochs": 3, "batch_size": 8, "seed": 0, "family": "litemedsam", "image_encoder_params": 5_659_216,
+             "multimask": False}
+    assert run_name(trial, "finetune") == "litemedsam · adamw · dice · box · s0"
+    searched = {**trial, "target": "whole_tumor", "lr": 3.162e-4, "weight_decay": 0.05, "seed": 2}
+    assert run_name(searched, "finetune") == (
+        "whole_tumor · litemedsam · adamw · dice · box · lr=3.2e-4 · weight_decay=0.05 · s2")
+    assert run_name({**trial, "lr": 1e-4, "iou_loss_weight": 1.0}, "finetune") == (
+        "litemedsam · adamw · dice · box · iou_loss_weight=1 · lr=1e-4 · s0")
+    zero_shot = {"backbone": "sam_b", "prompt": "center_point", "eval_prompt": "center_point", "family": "sam",
+                 "image_encoder_params": 85_000_000}
+    assert run_name(zero_shot, "zero_shot") == "zero-shot · sam_b · center_point"
+    assert run_name({"backbone": "sam_b", "eval_prompt": "box", "target": "edema"}, "zero_shot") == (
+        "zero-shot · sam_b · box · edema")
+    with pytest.raises(ValueError, match="stage"):
+        run_name(trial, "pretrain")
+
+
+def test_trial_runs_take_the_given_name_and_are_renamed_on_a_resume(shared_db, tmp_path):
+    tracker = open_study(shared_db, tmp_path, "named")
+    params = {**FACTORS, "seed": 0}
+    run_id = tracker.trial_run("a", "finetune", params, run_name=run_name(params, "finetune"))
+    unnamed = tracker.trial_run("b", "finetune", {**params, "loss": "focal"})
+    client = tracker._client
+    assert client.get_run(run_id).info.run_name == "litemedsam · adamw · dice · box · lr=1e-4 · s0"
+    assert client.get_run(unnamed).info.run_name == "b"  # no name given: the trial id
+    tracker.close("KILLED")
+    again = open_study(shared_db, tmp_path, "named")
+    assert again.trial_run("a", "finetune", params) == run_id  # no name given: the run keeps its name
+    assert client.get_run(run_id).info.run_name == "litemedsam · adamw · dice · box · lr=1e-4 · s0"
+    assert again.trial_run("b", "finetune", {**params, "loss": "focal"}, run_name="focal run") == unnamed
+    renamed = client.get_run(unnamed)
+    assert renamed.info.run_name == "focal run" and renamed.data.tags["mlflow.runName"] == "focal run"
+    assert renamed.info.status == "RUNNING"
+    again.close()
+
+
+def test_the_parent_description_is_the_plan_then_the_summary(shared_db, tmp_path):
+    tracker = open_study(shared_db, tmp_path, "described")
+    client = tracker._client
+    assert client.get_run(tracker.parent_run_id).data.tags["mlflow.note.content"] == "plan"
+    summary = "Best configuration: litemedsam · adamw · dice · box (test Dice 0.81)\nReport: runs/x/report.html"
+    tracker.describe_parent(summary)
+    assert client.get_run(tracker.parent_run_id).data.tags["mlflow.note.content"] == summary
+    tracker.describe_parent("x" * 9000)  # MLflow refuses tag values over 8000 characters
+    assert client.get_run(tracker.parent_run_id).data.tags["mlflow.note.content"] == "x" * 8000
+    tracker.close()
+    with pytest.raises(RuntimeError, match="start_parent"):
+        StudyTracker(shared_db, "described", tmp_path / "described").describe_parent(summary)
+
+
+def test_finishing_a_trial_again_uploads_its_artifacts_once(shared_db, tmp_path, monkeypatch):
+    tracker = open_study(shared_db, tmp_path, "upload-once")
+    client = tracker._client
+    uploads = []
+    for method in ("log_artifact", "log_artifacts"):
+        original = getattr(client, method)
+
+        def counted(run_id, local, artifact_path=None, _original=original, _method=method):
+            uploads.append((_method, Path(local).name, artifact_path))
+            return _original(run_id, local, artifact_path)
+
+        monkeypatch.setattr(client, method, counted)
+    per_image, history = tmp_path / "per_image.csv", tmp_path / "history.csv"
+    per_image_table("a", "finetune", [0.7, 0.6]).to_csv(per_image, index=False)
+    history.write_text("epoch,val_dice\n1,0.7\n")
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"weights")
+    run_id = tracker.trial_run("a", "finetune", FACTORS)
+    artifacts = {"per_image.csv": per_image, "checkpoint/best_decoder.pt": checkpoint}
+    tracker.finish_trial("a", "FINISHED", {"test_dice": 0.65, "epochs_run": 2}, artifacts)
+    assert sorted(name for _, name, _ in uploads) == ["best_decoder.pt", "per_image.csv"]
+    stored = Path(urllib.parse.urlparse(client.get_run(run_id).info.artifact_uri).path) / "per_image.csv"
+    written, ended = stored.stat().st_mtime_ns, client.get_run(run_id).info.end_time
+
+    uploads.clear()
+    time.sleep(0.05)
+    tracker.finish_trial("a", "FINISHED", {"test_dice": 0.65, "epochs_run": 2}, artifacts)  # a resume reports it again
+    assert uploads == []
+    assert stored.stat().st_mtime_ns == written and client.get_run(run_id).info.end_time == ended
+    # an artifact the run lacks is still uploaded, alone
+    tracker.finish_trial("a", "FINISHED", {"test_dice": 0.65, "epochs_run": 2}, {**artifacts, "history.csv": history})
+    assert [name for _, name, _ in uploads] == ["history.csv"]
+    # another outcome, or a run reopened to train again, uploads anew
+    uploads.clear()
+    tracker.finish_trial("a", "FAILED", {"epochs_run": 2}, artifacts, reason="re-evaluation failed")
+    assert sorted(name for _, name, _ in uploads) == ["best_decoder.pt", "per_image.csv"]
+    uploads.clear()
+    tracker.trial_run("a", "finetune", FACTORS)
+    tracker.finish_trial("a", "FAILED", {"epochs_run": 2}, artifacts, reason="re-evaluation failed")
+    assert sorted(name for _, name, _ in uploads) == ["best_decoder.pt", "per_image.csv"]
+    tracker.close()
+    assert {a.path for a in client.list_artifacts(run_id)} == {"per_image.csv", "checkpoint", "history.csv"}
+
+
+def log_small_study(uri: str, experiment: str, study_dir: Path, name: str, dice: float, fresh: bool = False):
+    """A study of two fine-tune trials (t1, t2) in `experiment`; every per-image Dice is `dice`."""
+    resolved = study_dir.parent / f"{name}-resolved.yaml"
+    resolved.write_text(f"study: {{name: {name}}}\n")
+    with StudyTracker(uri, experiment, study_dir) as tracker:
+        tracker.start_parent(name, "h", resolved, f"plan of {name}", {"study": {"name": name}}, fresh=fresh)
+        for trial_id, loss in (("t1", "dice"), ("t2", "focal")):
+            params = {**FACTORS, "loss": loss, **BACKBONE}
+            tracker.trial_run(trial_id, "finetune", params, run_name=run_name(params, "finetune"))
+            tracker.log_epoch(trial_id, {"val_dice": dice}, step=1)
+            per_image = study_dir.parent / f"{name}-{trial_id}.csv"
+            per_image_table(trial_id, "finetune", [dice, dice]).to_csv(per_image, index=False)
+            tracker.finish_trial(trial_id, "FINISHED", {"test_dice": dice, "epochs_run": 1},
+                                 {"per_image.csv": per_image})
+    return tracker
+
+
+def test_two_studies_in_one_experiment_are_read_and_started_fresh_apart(shared_db, tmp_path):
+    from analysis.results import ResultsError, load_from_mlflow
+
+    first = log_small_study(shared_db, "two-studies", tmp_path / "a", "study-a", dice=0.4)
+    second = log_small_study(shared_db, "two-studies", tmp_path / "b", "study-b", dice=0.8)
+    assert first.experiment_id == second.experiment_id and first.parent_run_id != second.parent_run_id
+    client = first._client
+
+    def dice_of(results) -> set[float]:
+        return set(results.per_image["dice"])
+
+    # the same trial ids in both studies: each study reads only the trial runs under its own parent
+    a = load_from_mlflow(shared_db, "two-studies", parent_run_id=first.parent_run_id)
+    assert a.name == "study-a" and sorted(a.trials["trial_id"]) == ["t1", "t2"] and dice_of(a) == {0.4}
+    b = load_from_mlflow(shared_db, "two-studies", config={"study": {"name": "study-b"}})
+    assert b.name == "study-b" and sorted(b.trials["trial_id"]) == ["t1", "t2"] and dice_of(b) == {0.8}
+    a_by_name = load_from_mlflow(shared_db, "two-studies", config={"study": {"name": "study-a"}})
+    assert a_by_name.name == "study-a" and dice_of(a_by_name) == {0.4} and a_by_name.notes == []
+    newest = load_from_mlflow(shared_db, "two-studies")  # nothing says which study: the newest, with a note
+    assert newest.name == "study-b" and dice_of(newest) == {0.8}
+    assert any("2 parent runs" in note and second.parent_run_id in note for note in newest.notes)
+    with pytest.raises(ResultsError, match="no active parent run"):
+        load_from_mlflow(shared_db, "two-studies", parent_run_id="0" * 32)
+
+    # --fresh of study a deletes a's parent and trials only
+    a_runs = [run.info.run_id for run in runs_of(client, first.experiment_id)
+              if first.parent_run_id in (run.info.run_id, run.data.tags.get("mlflow.parentRunId"))]
+    b_runs = sorted(run.info.run_id for run in runs_of(client, first.experiment_id) if run.info.run_id not in a_runs)
+    assert len(a_runs) == len(b_runs) == 3
+    again = log_small_study(shared_db, "two-studies", tmp_path / "a", "study-a", dice=0.5, fresh=True)
+    assert again.parent_run_id != first.parent_run_id
+    assert all(client.get_run(run_id).info.lifecycle_stage == "deleted" for run_id in a_runs)
+    active = {run.info.run_id: run for run in runs_of(client, first.experiment_id)}
+    assert set(b_runs) <= set(active) and len(active) == 6
+    assert dice_of(load_from_mlflow(shared_db, "two-studies", parent_run_id=second.parent_run_id)) == {0.8}
+    assert dice_of(load_from_mlflow(shared_db, "two-studies", parent_run_id=again.parent_run_id)) == {0.5}
+    names = sorted(run.info.run_name for run in active.values() if run.data.tags["sam_study.role"] == "trial")
+    assert names == ["litemedsam · adamw · dice · box · lr=1e-4", "litemedsam · adamw · dice · box · lr=1e-4",
+                     "litemedsam · adamw · focal · box · lr=1e-4", "litemedsam · adamw · focal · box · lr=1e-4"]
+
+
 def test_a_changed_param_of_a_trial_is_refused_and_log_before_trial_run_is_an_error(shared_db, tmp_path):
     tracker = open_study(shared_db, tmp_path, "misuse")
     tracker.trial_run("a", "finetune", FACTORS)
@@ -435,7 +608,9 @@ def test_runs_logged_to_a_real_mlflow_server_are_visible_through_its_rest_api(ml
             for epoch in (1, 2):
                 tracker.log_epoch(trial_id, epoch_metrics(epoch), step=epoch)
         tracker.finish_trial("t1", "FINISHED", {"test_dice": 0.7, "epochs_run": 2}, {"per_image.csv": per_image})
-    assert tracker.mlflow_ui_command() == f"{mlflow_server}/#/experiments/{tracker.experiment_id}"
+    assert tracker.mlflow_ui_command() == (f"{mlflow_server}/#/experiments/{tracker.experiment_id}/runs?"
+                                           f"workflowType=machine_learning&orderByKey=metrics.%60test_dice%60"
+                                           f"&orderByAsc=false")
     # a resume against the server finds the same parent
     with StudyTracker(mlflow_server, "served", tmp_path / "served") as resumed_tracker:
         assert resumed_tracker.start_parent("served", "h", resolved, "plan", RESOLVED) == parent

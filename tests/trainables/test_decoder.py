@@ -293,3 +293,28 @@ def test_a_trial_killed_after_an_epoch_resumes_exactly(phantom_dataset, tmp_path
     assert _without_seconds(resumed.history) == _without_seconds(straight.history)
     assert resumed.summary["best_epoch"] == straight.summary["best_epoch"]
     assert [row["dice"] for row in resumed.per_image] == [row["dice"] for row in straight.per_image]
+
+
+def test_a_truncated_checkpoint_is_set_aside_and_the_trial_resumes_from_the_previous_one(phantom_dataset, tmp_path,
+                                                                                         caplog):
+    """state.pt cut short (a machine crash before the disk had it): the trial goes on from
+    state.prev.pt (the epoch before), and with both unreadable from scratch; either way the
+    result is that of an uninterrupted run."""
+    config, dataset = phantom_dataset
+    spec = _small_spec(trial_id="truncated", optimizer="adam", epochs=2)
+    folder = tmp_path / "ckpt"
+    straight = run_trial(spec, dataset, config.cache_dir, checkpoint_dir=tmp_path / "straight")
+    run_trial(spec, dataset, config.cache_dir, checkpoint_dir=folder)
+    assert (folder / "state.pt").is_file() and (folder / "state.prev.pt").is_file()
+    assert torch.load(folder / "state.prev.pt", weights_only=True)["epoch"] == 1
+    (folder / "state.pt").write_bytes((folder / "state.pt").read_bytes()[:200])
+    reported = []
+    with caplog.at_level("WARNING"):
+        resumed = run_trial(spec, dataset, config.cache_dir, checkpoint_dir=folder, on_epoch=reported.append)
+    assert reported and [m["epoch"] for m in reported] == [2]  # epoch 1 came from state.prev.pt
+    assert "cannot be read" in caplog.text and (folder / "state.pt.unreadable").is_file()
+    assert _without_seconds(resumed.history) == _without_seconds(straight.history)
+    for name in ("state.pt", "state.prev.pt"):
+        (folder / name).write_bytes(b"\x00" * 10)
+    again = run_trial(spec, dataset, config.cache_dir, checkpoint_dir=folder)
+    assert _without_seconds(again.history) == _without_seconds(straight.history)  # from scratch
