@@ -73,7 +73,7 @@ class TrialEntry:
     pid: int | None = None  # the worker process of its latest attempt
     attempts: int = 0  # how many times a worker started it
     stop_after: int | None = None  # the scheduler stopped it after this many epochs
-    started: float | None = None  # when the attempt that finished it started (Unix time)
+    started: float | None = None  # when its latest attempt started (Unix time)
     ended: float | None = None
     updated: float | None = None
 
@@ -138,11 +138,10 @@ class TrialLedger:
         return self.write(replace(entry, status=TrialStatus.RUNNING, node=node, pid=os.getpid(),
                                   attempts=entry.attempts + 1, started=time.time()))
 
-    def finish(self, trial_id: str, status: TrialStatus, summary: dict, started: float | None = None) -> TrialEntry:
+    def finish(self, trial_id: str, status: TrialStatus, summary: dict) -> TrialEntry:
         """TERMINATED or STOPPED_EARLY with the trial's final metrics (its outputs are written already)."""
-        entry = self._existing(trial_id)
-        return self.write(replace(entry, status=status, summary=summary, reason=None, ended=time.time(),
-                                  started=started if started is not None else entry.started))
+        return self.write(replace(self._existing(trial_id), status=status, summary=summary, reason=None,
+                                  ended=time.time()))
 
     def fail(self, trial_id: str, reason: str, *, user_error: bool = False, stage: str = "finetune",
              params: dict | None = None) -> TrialEntry:

@@ -33,6 +33,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 # A failed trial is a row with its reason in trials.csv and MLflow; its traceback is in Tune's
 # error.txt in the trial's Tune folder, not printed over the progress table.
 os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+# A trial that fails before its first epoch (a user error, a non-finite loss) ends without the
+# search metric; the ledger records it as ERROR, so Tune must not treat that as its own error.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
@@ -83,10 +86,6 @@ def _node_id() -> str:
 # --- encode and zero-shot in stage workers --------------------------------------------------------
 
 
-def _gpu_options() -> dict:
-    return {"num_gpus": 1, "num_cpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
-
-
 def _user_error(error: Exception) -> UserError | None:
     """The UserError a Ray error wraps (a task's or an actor's), or None."""
     cause = getattr(error, "cause", None)
@@ -127,11 +126,25 @@ class _StageWorker:
 
 
 class StageWorkers:
-    """A pool of `_StageWorker` actors for the encode and zero-shot stages; `close()` kills them."""
+    """A pool of `_StageWorker` actors for the encode and zero-shot stages; `close()` kills them.
 
-    def __init__(self, count: int):
-        options = _gpu_options()
-        self.actors = [_StageWorker.options(**options).remote() for _ in range(max(1, count))]
+    The cluster's resources are read when the pool starts (not when the driver connected): one
+    actor with one GPU per GPU the cluster has then; one per CPU on a cluster without GPUs; and
+    one GPU actor when the cluster has no GPU yet but the trials ask for GPUs (`gpus_wanted`), so
+    that an autoscaling cluster adds a GPU node instead of encoding everything on CPU.
+    """
+
+    def __init__(self, gpus_wanted: bool):
+        have = ray.cluster_resources()
+        gpus, cpus = int(have.get("GPU", 0)), int(have.get("CPU", 1))
+        if gpus or gpus_wanted:
+            if not gpus:
+                print("The cluster has no GPU yet and resources.gpus_per_trial asks for GPUs: the encode stage "
+                      "waits for a GPU node to join.", flush=True)
+            options, count = {"num_gpus": 1, "num_cpus": 1}, max(gpus, 1)
+        else:
+            options, count = {"num_cpus": 1}, max(cpus, 1)
+        self.actors = [_StageWorker.options(**options).remote() for _ in range(count)]
 
     def _run(self, calls: list[tuple[str, tuple]], on_done: Callable[[int, object], None]) -> None:
         """Each call (method, args) on the next idle actor; `on_done(index, result)` as they finish.
@@ -176,8 +189,8 @@ class StageWorkers:
 
 
 @contextmanager
-def stage_workers(count: int):
-    workers = StageWorkers(count)
+def stage_workers(gpus_wanted: bool):
+    workers = StageWorkers(gpus_wanted)
     try:
         yield workers
     finally:
@@ -351,13 +364,13 @@ class _UserErrorStop(Stopper):
     other trial would meet the same mistake."""
 
     def __init__(self):
-        self.error: str | None = None
+        self.stopped = False
 
     def __call__(self, trial_id, result):
         return False
 
     def stop_all(self):
-        return self.error is not None
+        return self.stopped
 
 
 class _TrialEvents(tune.Callback):
@@ -387,14 +400,14 @@ class _TrialEvents(tune.Callback):
         self._ended(_flat_params(trial.config), str(user) if user else failure_reason(error), user_error=user is not None)
 
     def _ended(self, params: dict, error: str | None, user_error: bool = False) -> None:
-        if self.stopper.error:  # stopped for another trial's user error: left as it is, resumed next time
+        if self.stopper.stopped:  # stopped for another trial's user error: left as it is, resumed next time
             return
         outcome = self.handlers.on_end(params, error, user_error)
         if outcome == "finalise":
             ref = _finalise_task.options(**self.resources).remote(params, self.context)
             self.finalising[ref] = params
         elif outcome == "user_error":
-            self.stopper.error = "user error"
+            self.stopper.stopped = True
 
     def on_step_end(self, iteration, trials, **info):
         self.collect(timeout=0)
@@ -466,4 +479,4 @@ def run_tune(plan: SearchPlan, context: stages.StudyContext, *, cpus: float, gpu
     )
     tuner.fit()
     events.collect(timeout=None)
-    return "user_error" if stopper.error else None
+    return "user_error" if stopper.stopped else None

@@ -1,9 +1,11 @@
 """The study runner: prepare -> encode -> zero-shot -> tune -> results -> report, resumably.
 
 `run_study(config)` is what `python -m study.run grid.yaml` does after printing the plan. Each
-stage reuses what an earlier run finished (the prepared store, cached embeddings, trial folders
-with their result.json), so running the same command again resumes the study; `fresh=True`
-moves the old study folder aside first. The driver (this process) is the only writer to MLflow.
+stage reuses what an earlier run finished (the prepared store, cached embeddings, the trials the
+ledger holds as final, `study.ledger`), so running the same command again resumes the study;
+`fresh=True` moves the old study folder aside first. The driver (this process) is the only writer
+to MLflow, which shows the ledger: a trial's run is opened when it starts and shows its entry's
+status once the entry is final.
 
 With several targets (`data.target` a list) every target gets its prepared store, `target` is a
 grid axis of the trials, zero-shot runs per backbone x eval prompt x target, and the encode
@@ -166,7 +168,7 @@ def _run_locked(ray_tune, config: StudyConfig, plan_text: str, weights: dict, *,
             warning = idle_gpu_warning(resources, config.resources.gpus_per_trial)
             if warning:
                 print(warning, flush=True)
-            with ray_tune.stage_workers(int(resources.get("GPU") or resources.get("CPU", 1))) as workers:
+            with ray_tune.stage_workers(gpus_wanted=config.resources.gpus_per_trial > 0) as workers:
                 _encode(workers, config, datasets, weights, context, verify_cache)
                 if config.baseline.zero_shot:
                     _zero_shot(workers, config, context, tracker, info)
@@ -219,16 +221,14 @@ def _encode(workers, config: StudyConfig, datasets: list, weights: dict, context
     size = max(1, min(ENCODE_SHARD, -(-total // max(len(workers.actors), 1))))
     jobs = [(name, weights[name], root, keys[i:i + size])
             for name in config.factors.backbone for root, keys in per_store for i in range(0, len(keys), size)]
-    bar = tqdm(total=total * len(config.factors.backbone), desc="encode", unit="img")
     totals = {"hits": 0, "misses": 0, "corrupt": 0}
+    with tqdm(total=total * len(config.factors.backbone), desc="encode", unit="img") as bar:
+        def progress(images: int, counts: dict) -> None:
+            bar.update(images)
+            for key in totals:
+                totals[key] += counts[key]
 
-    def progress(images: int, counts: dict) -> None:
-        bar.update(images)
-        for key in totals:
-            totals[key] += counts[key]
-
-    workers.encode(jobs, context.cache_root, progress, full_check)
-    bar.close()
+        workers.encode(jobs, context.cache_root, progress, full_check)
     print(f"Embedding cache: {totals['misses']} encoded, {totals['hits']} reused, "
           f"{totals['corrupt']} corrupt entries re-encoded", flush=True)
 
@@ -283,17 +283,15 @@ def _zero_shot(workers, config: StudyConfig, context, tracker: StudyTracker, inf
         name = zero_shot_id(backbone, prompt, target)
         if not ledger.plan(name, "zero_shot", params).final:
             _open_run(tracker, name, "zero_shot", params, info)
-    bar = tqdm(total=len(pairs), desc="zero-shot", unit="eval")
     errors: list[TrialEntry] = []
+    with tqdm(total=len(pairs), desc="zero-shot", unit="eval") as bar:
+        def on_result(entry: TrialEntry) -> None:
+            _finish(tracker, entry, info)
+            if entry.user_error:
+                errors.append(entry)
+            bar.update(1)
 
-    def on_result(entry: TrialEntry) -> None:
-        _finish(tracker, entry, info)
-        if entry.user_error:
-            errors.append(entry)
-        bar.update(1)
-
-    workers.zero_shot(pairs, context, on_result)
-    bar.close()
+        workers.zero_shot(pairs, context, on_result)
     if errors:
         raise UserError(errors[0].reason)
 

@@ -12,7 +12,6 @@ ledger and the trials' tables into the study's tables.
 from __future__ import annotations
 
 import csv
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -191,7 +190,6 @@ def finetune(params: dict, context: StudyContext, report: Callable[[dict], None]
         if metrics["epoch"] < spec.epochs:
             report({**metrics, "trial_id": name})
 
-    started = time.time()
     try:
         result = run_trial(spec, open_prepared(context.prepared_for(params.get("target"))), Path(context.cache_root),
                            checkpoint_dir=folder / "checkpoint", on_epoch=on_epoch, residency=residency)
@@ -201,8 +199,7 @@ def finetune(params: dict, context: StudyContext, report: Callable[[dict], None]
         return ledger.fail(name, str(error), user_error=True)
     _save_outputs(folder, result)
     stopped = entry.stop_after is not None and result.summary["epochs_run"] < params.get("epochs", spec.epochs)
-    entry = ledger.finish(name, TrialStatus.STOPPED_EARLY if stopped else TrialStatus.TERMINATED, result.summary,
-                          started=started)
+    entry = ledger.finish(name, TrialStatus.STOPPED_EARLY if stopped else TrialStatus.TERMINATED, result.summary)
     if result.history:
         report({**result.history[-1], "trial_id": name})
     return entry

@@ -21,7 +21,7 @@ def test_a_trial_goes_pending_running_terminated_and_is_then_left_alone(ledger):
     assert on_disk(ledger, "t1")["status"] == "PENDING"
     running = ledger.start("t1", "finetune", {"lr": 1e-4}, node="n1")
     assert running.status == TrialStatus.RUNNING and running.attempts == 1 and running.node == "n1" and running.pid
-    done = ledger.finish("t1", TrialStatus.TERMINATED, {"test_dice": 0.8}, started=123.0)
+    done = ledger.finish("t1", TrialStatus.TERMINATED, {"test_dice": 0.8})
     assert done.final and on_disk(ledger, "t1")["summary"] == {"test_dice": 0.8}
     mtime = (ledger.folder("t1") / ENTRY_FILE).stat().st_mtime_ns
     again = ledger.start("t1", "finetune", {"lr": 1e-4}, node="n2")  # a resumed study meets it
