@@ -22,6 +22,8 @@ The states (`TrialStatus`) and who writes them:
 
 TERMINATED, STOPPED_EARLY and ERROR are final (`TrialEntry.final`): whoever meets a final entry
 returns it instead of computing again, which is how a resumed study never re-runs finished work.
+The exception is an ERROR caused by a user error (a file changed under the study): the next run,
+after the fix, starts it again.
 A trial the scheduler stopped whose test evaluation has not run yet stays RUNNING with
 `stop_after` set (the epochs it trained): whoever runs it next evaluates its best epoch on test
 and trains no more, also after the driver was killed in between.
@@ -81,6 +83,12 @@ class TrialEntry:
     def final(self) -> bool:
         return self.status in FINAL
 
+    @property
+    def to_run(self) -> bool:
+        """Whether a (resumed) study runs this trial: it is not final, or it failed on a user error
+        (the input may have been fixed since)."""
+        return not self.final or self.user_error
+
     def to_dict(self) -> dict:
         return {**asdict(self), "status": str(self.status)}
 
@@ -131,12 +139,13 @@ class TrialLedger:
         return self.read(trial_id) or self.write(TrialEntry(trial_id, stage, TrialStatus.PENDING, params))
 
     def start(self, trial_id: str, stage: str, params: dict, node: str | None) -> TrialEntry:
-        """A worker starts (or resumes) the trial: RUNNING, one more attempt. A final entry is returned as it is."""
+        """A worker starts (or resumes) the trial: RUNNING, one more attempt. A final entry is returned
+        as it is, unless it failed on a user error (`TrialEntry.to_run`)."""
         entry = self.read(trial_id) or TrialEntry(trial_id, stage, TrialStatus.PENDING, params)
-        if entry.final:
+        if not entry.to_run:
             return entry
         return self.write(replace(entry, status=TrialStatus.RUNNING, node=node, pid=os.getpid(),
-                                  attempts=entry.attempts + 1, started=time.time()))
+                                  attempts=entry.attempts + 1, started=time.time(), user_error=False))
 
     def finish(self, trial_id: str, status: TrialStatus, summary: dict) -> TrialEntry:
         """TERMINATED or STOPPED_EARLY with the trial's final metrics (its outputs are written already)."""

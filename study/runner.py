@@ -281,7 +281,7 @@ def _zero_shot(workers, config: StudyConfig, context, tracker: StudyTracker, inf
     for backbone, prompt, target in pairs:
         params = {"backbone": backbone, "prompt": prompt, **({"target": target} if target else {})}
         name = zero_shot_id(backbone, prompt, target)
-        if not ledger.plan(name, "zero_shot", params).final:
+        if ledger.plan(name, "zero_shot", params).to_run:
             _open_run(tracker, name, "zero_shot", params, info)
     errors: list[TrialEntry] = []
     with tqdm(total=len(pairs), desc="zero-shot", unit="eval") as bar:
@@ -305,7 +305,7 @@ def _tune(ray_tune, config: StudyConfig, plan, context, tracker: StudyTracker, i
 
     def on_start(params: dict) -> None:
         entry = ledger.read(trial_id(params))
-        if entry is None or not entry.final:  # a finished trial's run stays as it is
+        if entry is None or entry.to_run:  # a finished trial's run stays as it is
             _open_run(tracker, trial_id(params), "finetune", params, info)
 
     def on_epoch(params: dict, result: dict) -> None:

@@ -144,7 +144,7 @@ def zero_shot(backbone_name: str, prompt: str, context: StudyContext, node: str 
     params = {"backbone": backbone_name, "prompt": prompt, **({"target": target} if target else {})}
     ledger = TrialLedger(context.study_dir)
     entry = ledger.start(name, "zero_shot", params, node)
-    if entry.final:
+    if not entry.to_run:
         return entry
     spec = _spec({**params, "epochs": 0}, StudyContext(**{**asdict(context), "eval_prompt": (prompt,)}), name, "zero_shot")
     try:
@@ -177,7 +177,7 @@ def finetune(params: dict, context: StudyContext, report: Callable[[dict], None]
     ledger = TrialLedger(context.study_dir)
     entry = ledger.start(name, "finetune", params, node)
     folder = ledger.folder(name)
-    if entry.final:
+    if not entry.to_run:
         last = _last_epoch(folder) if entry.status != TrialStatus.ERROR else None
         if last:
             report(last)

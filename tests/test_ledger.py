@@ -57,3 +57,13 @@ def test_an_unreadable_entry_reads_as_none_and_entries_skip_it(ledger):
     ledger.folder("bad").mkdir(parents=True)
     (ledger.folder("bad") / ENTRY_FILE).write_text("{not json")
     assert ledger.read("bad") is None and ledger.entries() == []
+
+
+def test_a_trial_that_failed_on_a_user_error_runs_again_once_the_input_is_fixed(ledger):
+    ledger.start("t4", "finetune", {}, node=None)
+    failed = ledger.fail("t4", "The prepared slice x.npz is missing", user_error=True)
+    assert failed.final and failed.to_run  # shown as ERROR, and the next run starts it again
+    again = ledger.start("t4", "finetune", {}, node=None)
+    assert again.status == TrialStatus.RUNNING and again.attempts == 2 and not again.user_error
+    plain = ledger.fail("t4", "FileExistsError")
+    assert plain.final and not plain.to_run
