@@ -106,12 +106,6 @@ class Residency:
         self.embeddings: OrderedDict[tuple[str, str], ResidentEmbeddings] = OrderedDict()
         self.masks: dict[tuple[str, str], dict[tuple[str, int], np.ndarray]] = {}
 
-    def release(self) -> None:
-        """Forget every backbone, embedding set and mask kept for later trials."""
-        self.backbones.clear()
-        self.embeddings.clear()
-        self.masks.clear()
-
     def backbone(self, name: str, weights: str, input_size: int | None, device: str,
                  image_encoder: bool = True) -> Backbone:
         """The backbone, built once per process and restored to its built weights.
