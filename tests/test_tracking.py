@@ -13,10 +13,6 @@ from __future__ import annotations
 import http.server
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -30,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from foundation.errors import UserError
 from study.tracking import StudyTracker, flatten_params, run_name
+from tests.local_processes import free_port, serve_mlflow
 
 FACTORS = {"backbone": "litemedsam", "optimizer": "adamw", "loss": "dice", "prompt": "box", "eval_prompt": "box",
            "lr": 1e-4, "epochs": 3, "batch_size": 8}
@@ -492,12 +489,6 @@ def test_flatten_params():
 # --- tracking servers ------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def http_defaults(monkeypatch):
     """The tracker's own retry/timeout defaults, whatever the environment running the tests says."""
@@ -552,39 +543,11 @@ def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts; stopped after."""
     folder = tmp_path_factory.mktemp("server")
     port = free_port()
-    executable = Path(sys.executable).with_name("mlflow")
-    command = [str(executable), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
                "--artifacts-destination", (folder / "artifacts").as_uri()]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    log_path = folder / "server.log"
-    with open(log_path, "wb") as server_log:
-        process = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, env=env, cwd=folder,
-                                   start_new_session=True)  # its own process group: the workers stop with it
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                pytest.skip(f"mlflow server exited with {process.returncode} before answering: "
-                            f"{log_path.read_text(errors='replace')[-1500:]}")
-            if time.monotonic() > deadline:
-                pytest.skip(f"mlflow server did not answer on {url} within 60 s: "
-                            f"{log_path.read_text(errors='replace')[-1500:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+    with serve_mlflow(command, folder, port) as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
 
 
 def rest(url: str, path: str, body: dict | None = None) -> dict:

@@ -6,22 +6,13 @@ Skipped, with the reason, where no Chromium is installed (`apt-get install chrom
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
-import pytest
 from PIL import Image
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--window-size=1280,4000"]
+from tests.local_processes import CHROMIUM_FLAGS, require_chromium
 
-
-def find_chromium() -> str | None:
-    if Path("/usr/bin/chromium").is_file():
-        return "/usr/bin/chromium"
-    return shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_FLAGS = [*CHROMIUM_FLAGS, "--hide-scrollbars", "--window-size=1280,4000"]
 
 
 def test_every_image_is_embedded_as_a_data_uri(built_report):
@@ -33,12 +24,9 @@ def test_every_image_is_embedded_as_a_data_uri(built_report):
 
 
 def test_report_renders_in_headless_chromium(built_report, tmp_path):
-    chromium = find_chromium()
-    if chromium is None:
-        pytest.skip("Chromium is not installed (looked for /usr/bin/chromium and chromium on PATH); "
-                    "install it with `apt-get install -y chromium` to run this check.")
+    chromium = require_chromium()
     screenshot = tmp_path / "report.png"
-    command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}",
+    command = [chromium, *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}",
                (built_report / "report.html").resolve().as_uri()]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert screenshot.is_file(), f"Chromium wrote no screenshot (exit {completed.returncode}): {completed.stderr[-2000:]}"
