@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from foundation.errors import UserError
+from foundation.files import write_atomic
 
 
 class _Section(BaseModel):
@@ -550,11 +551,8 @@ def config_hash(config: StudyConfig) -> str:
 
 
 def write_resolved(config: StudyConfig, folder: Path) -> Path:
-    """Write `resolved.yaml` into `folder` atomically (a temp file renamed over the old one)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write `resolved.yaml` into `folder` atomically and durably (`foundation.files.write_atomic`)."""
     target = folder / "resolved.yaml"
-    temp = folder / f".resolved.yaml.{os.getpid()}.tmp"
     body = yaml.safe_dump(resolved_dict(config), sort_keys=False, default_flow_style=None)
-    temp.write_text(f"# resolved by study.config; hash {config_hash(config)}\n{body}")
-    temp.replace(target)
+    write_atomic(target, f"# resolved by study.config; hash {config_hash(config)}\n{body}")
     return target

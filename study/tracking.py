@@ -65,6 +65,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from foundation.errors import UserError
+from foundation.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -600,7 +601,7 @@ class StudyTracker:
             self._client.log_artifact(run_id, str(staged), folder or None)
 
     def _write_tracking_json(self, keep_parent: bool = False) -> None:
-        """Write tracking.json atomically (a temp file renamed over the old one).
+        """Write tracking.json atomically (`foundation.files.write_atomic`).
 
         `keep_parent`: keep the parent run id an earlier driver recorded for this same store and
         experiment (until start_parent confirms or replaces it), so the report still finds it.
@@ -617,9 +618,7 @@ class StudyTracker:
                 parent = before.get("parent_run_id")
         data = {"tracking_uri": self.tracking_uri, "experiment_name": self.experiment_name,
                 "experiment_id": self.experiment_id, "parent_run_id": parent}
-        temp = self.study_dir / f".tracking.json.{os.getpid()}.tmp"
-        temp.write_text(json.dumps(data, indent=2) + "\n")
-        temp.replace(target)
+        write_atomic(target, json.dumps(data, indent=2) + "\n")
 
     @contextmanager
     def _store_errors(self, action: str) -> Iterator[None]:
