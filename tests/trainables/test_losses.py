@@ -1,10 +1,12 @@
-"""Losses: each registered MONAI loss against a numpy computation of its formula."""
+"""Losses: each registered loss against MONAI's class of the same definition and against a numpy
+computation of its formula."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
+from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss
 
 from foundation.errors import UserError
 from trainables.losses import LOSSES, build_loss, iou_head_loss
@@ -49,6 +51,29 @@ LOGITS = np.array(
     [[[[0.0, 2.0, -1.0], [3.0, -2.5, 0.5]]], [[[1.0, -2.0, 0.5], [-0.3, 0.0, -4.0]]]], dtype=np.float64
 )
 TARGET = np.array([[[[0, 1, 0], [1, 0, 1]]], [[[0, 0, 0], [0, 0, 0]]]], dtype=np.float64)
+
+
+# The MONAI class each registered loss must equal (trainables/losses.py writes them out).
+MONAI_LOSSES = {
+    "dice": lambda: DiceLoss(sigmoid=True),
+    "dice_bce": lambda: DiceCELoss(sigmoid=True, squared_pred=True),
+    "focal": lambda: FocalLoss(use_softmax=False, gamma=2.0),
+    "dice_focal": lambda: DiceFocalLoss(sigmoid=True, gamma=2.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MONAI_LOSSES))
+def test_loss_equals_monai_in_value_and_gradient(name):
+    generator = torch.Generator().manual_seed(7)
+    logits = (torch.randn(3, 1, 9, 11, generator=generator) * 4).requires_grad_()
+    target = (torch.rand(3, 1, 9, 11, generator=generator) > 0.6).float()
+    target[2] = 0  # one image with an empty target
+    ours = build_loss(name)(logits, target)
+    (grad_ours,) = torch.autograd.grad(ours, logits)
+    theirs = MONAI_LOSSES[name]()(logits, target)
+    (grad_theirs,) = torch.autograd.grad(theirs, logits)
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-5, atol=1e-8)
 
 
 def test_registry_names():
