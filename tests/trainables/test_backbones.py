@@ -354,6 +354,65 @@ def test_batched_sam_decoder_equals_the_stock_decoder_per_row(small_backbone):
         assert torch.allclose(batched_iou[row : row + 1], stock_iou, atol=1e-5)
 
 
+def test_fused_attention_equals_segment_anythings_attention_in_values_and_gradients():
+    """`sam.attention` (scaled_dot_product_attention) against the stock module on random inputs, in
+    both shapes the decoder uses (few tokens attending to many image tokens, and the reverse)."""
+    from segment_anything.modeling.transformer import Attention
+
+    from trainables.backbones.sam import attention
+
+    torch.manual_seed(0)
+    module = Attention(embedding_dim=256, num_heads=8, downsample_rate=2)
+    for queries, keys in ((7, 300), (300, 7), (7, 7)):
+        inputs = [torch.randn(3, n, 256, requires_grad=True) for n in (queries, keys, keys)]
+        ours = attention(module, *inputs)
+        ours_grads = torch.autograd.grad(ours.square().sum(), inputs + list(module.parameters()))
+        stock = module(*inputs)
+        stock_grads = torch.autograd.grad(stock.square().sum(), inputs + list(module.parameters()))
+        torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
+        for a, b in zip(ours_grads, stock_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_rewritten_decoder_equals_the_stock_modules_in_values_and_gradients():
+    """`two_way_transformer` and `upscaled_masks` against the stock TwoWayTransformer and the stock
+    output upscaling + hypernetwork product of MaskDecoder.predict_masks, on LiteMedSAM's decoder
+    with its real weights (64 x 64 embeddings: its real size), values and weight gradients."""
+    from trainables.backbones.sam import two_way_transformer, upscaled_masks
+
+    decoder = build_backbone("litemedsam", resolve_weights("litemedsam", None, {})).mask_decoder
+    generator = torch.Generator().manual_seed(3)
+    embedding = torch.randn(2, 256, 64, 64, generator=generator)
+    image_pe = torch.randn(1, 256, 64, 64, generator=generator)
+    tokens = torch.randn(2, 7, 256, generator=generator)
+
+    def stock():
+        hs, src = decoder.transformer(embedding, image_pe.expand(2, -1, -1, -1), tokens)
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(2, 256, 64, 64))
+        hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
+        return hs, (hyper @ upscaled.flatten(2)).reshape(2, -1, 256, 256)
+
+    def ours():
+        hs, image_tokens = two_way_transformer(decoder.transformer, embedding, image_pe, tokens)
+        return hs, upscaled_masks(decoder, hs[:, 1:5], image_tokens, 64, 64)
+
+    parameters = [p for p in decoder.parameters() if p.requires_grad]
+    results = {}
+    for name, compute in (("stock", stock), ("ours", ours)):
+        hs, masks = compute()
+        grads = torch.autograd.grad(masks[:, 0].sigmoid().mean() + hs[:, 0].sum(), parameters, allow_unused=True)
+        results[name] = (hs, masks, grads)
+    (hs, masks, grads), (hs_ref, masks_ref, grads_ref) = results["ours"], results["stock"]
+    assert masks.shape == masks_ref.shape == (2, 4, 256, 256)
+    torch.testing.assert_close(hs, hs_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(masks, masks_ref, rtol=1e-4, atol=1e-3 * masks_ref.abs().max().item())
+    for a, b in zip(grads, grads_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            # (a key-projection bias has a zero gradient in exact arithmetic: rounding noise of 1e-6 there)
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 + 1e-3 * b.abs().max().item())
+
+
 # ----------------------------------------------------------------------------------- trainable parts
 def test_trainable_parts_and_decoder_state_round_trip(small_backbone):
     sam2 = small_backbone("sam2_t")
