@@ -10,8 +10,13 @@ MLflow logging and result tables, and the trials themselves.
 - `trial_compute_s`: the time during which at least one trial was computing (the union of the
   trials' [started, ended] intervals from their ledger entries (trial.json); overlapping trials count once).
 - `overhead_fraction` = 1 - trial_compute_s / wall_s.
+- `startup_s`: from process start to the first trial's start (the study's fixed start-up cost);
+  `teardown_s`: from the last trial's end to the process's exit.
+- `resume_s`: the same command run again on the finished study (nothing is left to run: no
+  encoding, no trial, no upload; the tables are rewritten from the ledger).
 
-The last stdout line is one JSON object: {"trials", "wall_s", "trial_compute_s", "overhead_fraction"}.
+The last stdout line is one JSON object: {"trials", "wall_s", "trial_compute_s", "overhead_fraction",
+"startup_s", "teardown_s", "resume_s"}.
 Usage: python benchmarks/study_overhead.py [--trials 8] [--epochs 3] [--limit 16] [--out DIR]
 """
 
@@ -72,16 +77,28 @@ def main() -> None:
     backbone = build_backbone("litemedsam", resolve_weights("litemedsam", config.weights.dir, {}))
     EmbeddingCache.for_backbone(config.cache_dir, backbone, dataset.key).ensure(backbone, dataset, dataset.records)
 
+    command = [sys.executable, "-m", "study.run", str(path)]
     print(f"timing `python -m study.run {path}` ...", file=sys.stderr)
-    start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "study.run", str(path)], capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if run.returncode != 0:
-        sys.exit(f"the study failed:\n{run.stderr[-3000:]}")
+    start, wall = timed(command)
     records = [json.loads(p.read_text()) for p in (work / "runs" / "overhead" / "results" / "trials").glob("*/trial.json")]
     compute = union_seconds([(r["started"], r["ended"]) for r in records])
+    print("timing the same command on the finished study ...", file=sys.stderr)
+    _, resume = timed(command)
     print(json.dumps({"trials": len(records), "wall_s": round(wall, 2), "trial_compute_s": round(compute, 2),
-                      "overhead_fraction": round(1 - compute / wall, 4)}))
+                      "overhead_fraction": round(1 - compute / wall, 4),
+                      "startup_s": round(min(r["started"] for r in records) - start, 2),
+                      "teardown_s": round(start + wall - max(r["ended"] for r in records), 2),
+                      "resume_s": round(resume, 2)}))
+
+
+def timed(command: list[str]) -> tuple[float, float]:
+    """(Unix time at the start, wall seconds) of running `command`; exits if it fails."""
+    start, clock = time.time(), time.perf_counter()
+    run = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - clock
+    if run.returncode != 0:
+        sys.exit(f"the study failed:\n{run.stderr[-3000:]}")
+    return start, wall
 
 
 if __name__ == "__main__":

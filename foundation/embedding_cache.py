@@ -113,15 +113,15 @@ class EncodeCounts:
         return EncodeCounts(self.hits + other.hits, self.misses + other.misses, self.corrupt + other.corrupt)
 
 
-def preprocessing_id(backbone) -> str:
-    """A hash of what turns a prepared image into encoder input for `backbone`, and of CACHE_FORMAT."""
-    spec = backbone.spec
+def preprocessing_id(spec, input_size: int) -> str:
+    """A hash of what turns a prepared image into encoder input (a backbone's spec at `input_size`),
+    and of CACHE_FORMAT."""
     normalisation = spec.normalisation
     described = {
         "format": CACHE_FORMAT,
         "family": spec.family,
         "resize": spec.resize,
-        "input_size": int(backbone.input_size),
+        "input_size": int(input_size),
         "normalisation": [normalisation.kind, normalisation.value_scale, normalisation.mean, normalisation.std],
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
@@ -208,8 +208,14 @@ class EmbeddingCache:
 
     @classmethod
     def for_backbone(cls, root: Path, backbone, prepared_key: str) -> EmbeddingCache:
-        return cls(root, backbone.spec.name, backbone.weights_id, backbone.input_size, prepared_key,
-                   preprocessing=preprocessing_id(backbone))
+        return cls.for_model(root, backbone.spec, backbone.weights_id, backbone.input_size, prepared_key)
+
+    @classmethod
+    def for_model(cls, root: Path, spec, weights_id: str, input_size: int, prepared_key: str) -> EmbeddingCache:
+        """The cache of a model named by its spec, weights id and input size, without building it
+        (what the driver checks before it starts any encode worker)."""
+        return cls(root, spec.name, weights_id, input_size, prepared_key,
+                   preprocessing=preprocessing_id(spec, input_size))
 
     # --- one entry ------------------------------------------------------------------------------
 
@@ -261,6 +267,20 @@ class EmbeddingCache:
         except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError):
             return False
         return True
+
+    def is_verified(self, record: SliceRecord) -> bool:
+        """Whether the entry passed a full check before and none of its files changed since: its
+        marker records meta.json's and every array file's current size and mtime. Reads the
+        marker and stats the files only, so it answers for a whole cache in a moment (the driver's
+        check before it starts any encode worker); False means "ask `is_valid`", not "invalid"."""
+        folder = self.entry_dir(record)
+        marker = _read_marker(folder)
+        if not marker or META_FILE not in marker:
+            return False
+        try:
+            return _file_stats(folder, list(marker)) == marker
+        except OSError:
+            return False
 
     def write(self, record: SliceRecord, arrays: dict[str, np.ndarray]) -> bool:
         """Store one entry atomically as float16; if another writer got there first, keep theirs.

@@ -5,8 +5,8 @@ Ray's API moves between releases, so every Ray import of the project is here. Th
 
 - `ray_session(address)` joins a cluster (`--address`, `ray.address`, `RAY_ADDRESS`) or starts a
   local instance, and always shuts down what it started.
-- `stage_workers(n)` starts one actor per GPU (per CPU without GPUs) for the stages before the
-  search: `encode` fills the embedding cache one shard per call before any trial starts (trials
+- `stage_workers(gpus_wanted)` starts, on its first call, one actor per GPU (per CPU without GPUs) for the
+  stages before the search: `encode` fills the embedding cache one shard per call before any trial starts (trials
   only read the cache, and build no image encoder), `zero_shot` evaluates every backbone x eval
   prompt (x target, with several). The actors are killed when those stages end, so their device
   memory is free for the trials.
@@ -128,27 +128,42 @@ class _StageWorker:
 class StageWorkers:
     """A pool of `_StageWorker` actors for the encode and zero-shot stages; `close()` kills them.
 
-    The cluster's resources are read when the pool starts (not when the driver connected): one
-    actor with one GPU per GPU the cluster has then; one per CPU on a cluster without GPUs; and
-    one GPU actor when the cluster has no GPU yet but the trials ask for GPUs (`gpus_wanted`), so
-    that an autoscaling cluster adds a GPU node instead of encoding everything on CPU.
+    The actors start with the first call (a study whose cache is full and whose zero-shot
+    evaluations are done starts none). The cluster's resources are read then (not when the
+    driver connected): one actor with one GPU per GPU the cluster has; one per CPU on a cluster
+    without GPUs; and one GPU actor when the cluster has no GPU yet but the trials ask for GPUs
+    (`gpus_wanted`), so that an autoscaling cluster adds a GPU node instead of encoding
+    everything on CPU.
     """
 
     def __init__(self, gpus_wanted: bool):
+        self.gpus_wanted = gpus_wanted
+        self.actors: list = []
+
+    def size(self) -> int:
+        """The number of actors the pool has, or will start with."""
+        if self.actors:
+            return len(self.actors)
         have = ray.cluster_resources()
-        gpus, cpus = int(have.get("GPU", 0)), int(have.get("CPU", 1))
-        if gpus or gpus_wanted:
-            if not gpus:
-                print("The cluster has no GPU yet and resources.gpus_per_trial asks for GPUs: the encode stage "
-                      "waits for a GPU node to join.", flush=True)
-            options, count = {"num_gpus": 1, "num_cpus": 1}, max(gpus, 1)
-        else:
-            options, count = {"num_cpus": 1}, max(cpus, 1)
-        self.actors = [_StageWorker.options(**options).remote() for _ in range(count)]
+        if have.get("GPU") or self.gpus_wanted:
+            return max(int(have.get("GPU", 0)), 1)
+        return max(int(have.get("CPU", 1)), 1)
+
+    def _start(self) -> None:
+        have_gpus = bool(ray.cluster_resources().get("GPU"))
+        if not have_gpus and self.gpus_wanted:
+            print("The cluster has no GPU yet and resources.gpus_per_trial asks for GPUs: the encode stage "
+                  "waits for a GPU node to join.", flush=True)
+        options = {"num_gpus": 1, "num_cpus": 1} if have_gpus or self.gpus_wanted else {"num_cpus": 1}
+        self.actors = [_StageWorker.options(**options).remote() for _ in range(self.size())]
 
     def _run(self, calls: list[tuple[str, tuple]], on_done: Callable[[int, object], None]) -> None:
         """Each call (method, args) on the next idle actor; `on_done(index, result)` as they finish.
         A UserError raised in a worker is raised here as it is (one paragraph, no Ray traceback)."""
+        if not calls:
+            return
+        if not self.actors:
+            self._start()
         queue = list(enumerate(calls))
         running: dict = {}
         idle = list(self.actors)

@@ -19,13 +19,15 @@ import fcntl
 import os
 import socket
 import time
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from tqdm import tqdm
 
+from foundation.embedding_cache import EmbeddingCache
 from foundation.errors import UserError
 from search_spaces.space import plan_trials, trial_id, zero_shot_id
 from study import stages
@@ -34,7 +36,7 @@ from study.data.prepare import prepare_dataset
 from study.ledger import RUN_STATUS, TrialEntry, TrialLedger
 from study.plan import search_plan, study_axes
 from study.tracking import StudyTracker, run_name
-from trainables.backbones import BACKBONES, get_spec, read_checkpoint, resolve_weights
+from trainables.backbones import BACKBONES, get_spec, read_checkpoint, resolve_weights, weights_id
 from trainables.prompts import load_prompt_file
 from trainables.trial import BEST_DECODER_FILE
 
@@ -160,19 +162,33 @@ def _run_locked(ray_tune, config: StudyConfig, plan_text: str, weights: dict, *,
                             f"keep slices.")
     info = _model_info()
     plan = search_plan(config)
-    tracker = StudyTracker(config.tracking.uri, config.experiment_name, study_dir)
-    with tracker:
-        tracker.start_parent(config.study.name, config_hash(config), study_dir / "resolved.yaml", plan_text,
-                             resolved_dict(config), fresh=fresh)
-        with ray_tune.ray_session(address or config.ray.address, num_cpus=num_cpus) as resources:
+    ledger = TrialLedger(study_dir)
+    encode_jobs, cache_hits = _encode_jobs(config, datasets, weights, context.cache_root, verify_cache)
+    zero_shot_todo = _zero_shot_todo(config, ledger)
+    trials_todo = _trials_todo(plan, ledger)
+    work_left = bool(encode_jobs or zero_shot_todo or trials_todo)
+    with ExitStack() as stack:
+        # MLflow's store is opened (on a new study: its SQLite tables created, seconds) while Ray starts.
+        background = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        opening = background.submit(_open_tracking, config, study_dir, plan_text, fresh)
+        try:
+            if work_left:
+                resources = stack.enter_context(ray_tune.ray_session(address or config.ray.address, num_cpus=num_cpus))
+        finally:  # also when Ray fails to start: the parent run then ends FAILED
+            tracker = stack.enter_context(opening.result())
+        if work_left:
             warning = idle_gpu_warning(resources, config.resources.gpus_per_trial)
             if warning:
                 print(warning, flush=True)
             with ray_tune.stage_workers(gpus_wanted=config.resources.gpus_per_trial > 0) as workers:
-                _encode(workers, config, datasets, weights, context, verify_cache)
-                if config.baseline.zero_shot:
-                    _zero_shot(workers, config, context, tracker, info)
-            _tune(ray_tune, config, plan, context, tracker, info)
+                _encode(workers, encode_jobs, cache_hits, context.cache_root, verify_cache)
+                _zero_shot(workers, zero_shot_todo, context, tracker, info)
+            if trials_todo:
+                _tune(ray_tune, config, plan, context, tracker, info)
+        else:
+            _encode(None, [], cache_hits, context.cache_root, verify_cache)
+            print("Every trial and zero-shot evaluation of this study is final in its ledger: nothing to run "
+                  "(Ray is not started).", flush=True)
         _show_ledger_in_mlflow(context, tracker, info)
         counts = stages.collect_results(study_dir, list(study_axes(config)) + list(plan.ranges), info)
         report_dir = _report(config, study_dir, tracker)
@@ -182,6 +198,17 @@ def _run_locked(ray_tune, config: StudyConfig, plan_text: str, weights: dict, *,
         outcome = StudyOutcome(study_dir, counts, report_dir, command)
         tracker.describe_parent(format_summary(outcome))
     return outcome
+
+
+def _open_tracking(config: StudyConfig, study_dir: Path, plan_text: str, fresh: bool) -> StudyTracker:
+    """The study's MLflow tracker with its parent run open (a tracker that fails there is closed FAILED)."""
+    tracker = StudyTracker(config.tracking.uri, config.experiment_name, study_dir)
+    with ExitStack() as failing:
+        failing.enter_context(tracker)  # closes it FAILED if start_parent raises
+        tracker.start_parent(config.study.name, config_hash(config), study_dir / "resolved.yaml", plan_text,
+                             resolved_dict(config), fresh=fresh)
+        failing.pop_all()  # it opened: the caller owns it now
+    return tracker
 
 
 def idle_gpu_warning(resources: dict, gpus_per_trial: float) -> str | None:
@@ -212,23 +239,49 @@ def encode_keys(datasets: list) -> list[tuple[str, list[tuple[str, int]]]]:
     return out
 
 
-def _encode(workers, config: StudyConfig, datasets: list, weights: dict, context, full_check: bool) -> None:
-    """One call per (backbone, store, shard); shards of at most ENCODE_SHARD images, at least one per
-    worker; every distinct image of the study's stores once (`encode_keys`). Existing entries are
-    verified by their hash once, later by their files' size and mtime; `full_check` re-hashes all."""
-    per_store = encode_keys(datasets)
-    total = sum(len(keys) for _, keys in per_store)
-    size = max(1, min(ENCODE_SHARD, -(-total // max(len(workers.actors), 1))))
-    jobs = [(name, weights[name], root, keys[i:i + size])
-            for name in config.factors.backbone for root, keys in per_store for i in range(0, len(keys), size)]
-    totals = {"hits": 0, "misses": 0, "corrupt": 0}
-    with tqdm(total=total * len(config.factors.backbone), desc="encode", unit="img") as bar:
-        def progress(images: int, counts: dict) -> None:
-            bar.update(images)
-            for key in totals:
-                totals[key] += counts[key]
+def _encode_jobs(config: StudyConfig, datasets: list, weights: dict, cache_root: str,
+                 full_check: bool) -> tuple[list[tuple[str, str, str, list]], int]:
+    """(encode jobs, entries reused). A job is (backbone, weights, prepared store, [(image id, view)]);
+    the jobs cover the entries the cache does not hold verified,
+    found here on the driver, every distinct image of the study's stores once (`encode_keys`).
 
-        workers.encode(jobs, context.cache_root, progress, full_check)
+    An entry whose checksums were verified before and whose files kept their size and mtime
+    (`EmbeddingCache.is_verified`: a few file stats, no hashing) is reused at once, so a full cache
+    starts no encode worker; any other entry goes to a worker, which verifies it by its checksums
+    and encodes it again if it is missing or damaged. `full_check` sends every entry to be
+    re-hashed."""
+    stores = {str(Path(dataset.root).resolve()): dataset for dataset in datasets}
+    todo: list[tuple[str, str, str, list]] = []
+    hits = 0
+    for name in config.factors.backbone:
+        spec = get_spec(name)
+        for root, keys in encode_keys(datasets):
+            dataset = stores[root]
+            cache = EmbeddingCache.for_model(Path(cache_root), spec, weights_id(weights[name]), spec.input_size,
+                                             dataset.key)
+            records = {(r.image_id, r.view): r for r in dataset.records}
+            missing = [key for key in keys if full_check or not cache.is_verified(records[key])]
+            hits += len(keys) - len(missing)
+            if missing:
+                todo.append((name, weights[name], root, missing))
+    return todo, hits
+
+
+def _encode(workers, todo: list[tuple[str, str, str, list]], hits: int, cache_root: str, full_check: bool) -> None:
+    """Encode what the driver's check left (`_encode_jobs`): one worker call per shard of at most
+    ENCODE_SHARD images, at least one shard per worker."""
+    totals = {"hits": hits, "misses": 0, "corrupt": 0}
+    if todo:
+        size = max(1, min(ENCODE_SHARD, -(-sum(len(keys) for *_, keys in todo) // workers.size())))
+        jobs = [(name, weights, root, keys[i:i + size]) for name, weights, root, keys in todo
+                for i in range(0, len(keys), size)]
+        with tqdm(total=sum(len(job[3]) for job in jobs), desc="encode", unit="img") as bar:
+            def progress(images: int, counts: dict) -> None:
+                bar.update(images)
+                for key in totals:
+                    totals[key] += counts[key]
+
+            workers.encode(jobs, cache_root, progress, full_check)
     print(f"Embedding cache: {totals['misses']} encoded, {totals['hits']} reused, "
           f"{totals['corrupt']} corrupt entries re-encoded", flush=True)
 
@@ -275,25 +328,50 @@ def zero_shot_runs(config: StudyConfig) -> list[tuple[str, str, str | None]]:
     return [(b, p, t) for t in targets for b in config.factors.backbone for p in config.factors.eval_prompts()]
 
 
-def _zero_shot(workers, config: StudyConfig, context, tracker: StudyTracker, info: dict) -> None:
-    pairs = zero_shot_runs(config)
-    ledger = TrialLedger(context.study_dir)
-    for backbone, prompt, target in pairs:
+def _zero_shot_todo(config: StudyConfig, ledger: TrialLedger) -> list[tuple[str, str, str | None]]:
+    """The zero-shot evaluations (`zero_shot_runs`) still to run; every one gets its PENDING entry."""
+    if not config.baseline.zero_shot:
+        return []
+    todo = []
+    for backbone, prompt, target in zero_shot_runs(config):
         params = {"backbone": backbone, "prompt": prompt, **({"target": target} if target else {})}
-        name = zero_shot_id(backbone, prompt, target)
-        if ledger.plan(name, "zero_shot", params).to_run:
-            _open_run(tracker, name, "zero_shot", params, info)
+        if ledger.plan(zero_shot_id(backbone, prompt, target), "zero_shot", params).to_run:
+            todo.append((backbone, prompt, target))
+    return todo
+
+
+def _zero_shot(workers, todo: list[tuple[str, str, str | None]], context, tracker: StudyTracker, info: dict) -> None:
+    if not todo:
+        return
+    ledger = TrialLedger(context.study_dir)
+    for backbone, prompt, target in todo:
+        _open_run(tracker, zero_shot_id(backbone, prompt, target), "zero_shot",
+                  ledger.read(zero_shot_id(backbone, prompt, target)).params, info)
     errors: list[TrialEntry] = []
-    with tqdm(total=len(pairs), desc="zero-shot", unit="eval") as bar:
+    with tqdm(total=len(todo), desc="zero-shot", unit="eval") as bar:
         def on_result(entry: TrialEntry) -> None:
             _finish(tracker, entry, info)
             if entry.user_error:
                 errors.append(entry)
             bar.update(1)
 
-        workers.zero_shot(pairs, context, on_result)
+        workers.zero_shot(todo, context, on_result)
     if errors:
         raise UserError(errors[0].reason)
+
+
+def _trials_todo(plan, ledger: TrialLedger) -> bool:
+    """Whether any fine-tune trial is still to run: one of the planned trials (grid, random) is not
+    final in the ledger, or (Optuna, whose trials are proposed as it goes) fewer than the plan's
+    trials are."""
+    if plan.algorithm == "optuna":
+        done = [e for e in ledger.entries() if e.stage == "finetune" and not e.to_run]
+        return len(done) < plan.total_trials
+    for params in plan_trials(plan):
+        entry = ledger.read(trial_id(params))
+        if entry is None or entry.to_run:
+            return True
+    return False
 
 
 def _tune(ray_tune, config: StudyConfig, plan, context, tracker: StudyTracker, info: dict) -> None:

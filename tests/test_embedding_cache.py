@@ -271,6 +271,10 @@ def test_a_verified_cache_is_trusted_without_hashing(cache, sam_b, phantom_datas
     assert again == EncodeCounts(hits=len(records), misses=0, corrupt=0)
     assert hashes == []
     assert all(cache.is_valid(r, verify=True) for r in records) and hashes == []
+    # The driver's check, without building the backbone: the same namespace, every entry verified.
+    named = EmbeddingCache.for_model(cache.root, sam_b.spec, sam_b.weights_id, sam_b.input_size, dataset.key)
+    assert named.namespace == cache.namespace
+    assert all(named.is_verified(r) for r in records) and hashes == []
 
 
 @pytest.mark.parametrize("damage", [_truncate, _flip_bytes], ids=["truncated", "rewritten_same_size"])
@@ -285,6 +289,7 @@ def test_a_changed_array_of_a_verified_entry_is_found_corrupt_and_encoded_again(
     damage(path)  # right after the entry was written: the entry's backdated mtime still changes
     assert os.stat(path).st_mtime_ns != before.st_mtime_ns or os.stat(path).st_size != before.st_size
     assert (cache.entry_dir(records[1]) / VERIFIED_FILE).is_file()  # the marker is still there, now stale
+    assert not cache.is_verified(records[1]) and cache.is_verified(records[0])
 
     calls = _count_encoded_images(sam_b, monkeypatch)
     counts = cache.ensure(sam_b, dataset, records, verify=True, progress=False)
@@ -364,6 +369,7 @@ def test_a_missing_or_unreadable_marker_falls_back_to_hashing(cache, sam_b, phan
     cache.ensure(sam_b, dataset, records, progress=False)
     marker = cache.entry_dir(records[1]) / VERIFIED_FILE
     spoil(marker)
+    assert not cache.is_verified(records[1]) and cache.is_verified(records[0])
 
     hashes = _count_hashes(monkeypatch)
     calls = _count_encoded_images(sam_b, monkeypatch)

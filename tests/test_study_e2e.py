@@ -161,7 +161,8 @@ def kill_when(driver: subprocess.Popen, ready, what: str, timeout: float = 420) 
     return True
 
 
-def test_a_driver_killed_during_encode_a_trial_and_the_report_resumes_without_rerunning(cluster, shared, tmp_path):
+def test_a_driver_killed_during_encode_a_trial_and_the_report_resumes_without_rerunning(cluster, shared, tmp_path,
+                                                                                        capsys):
     """SIGKILL of the driver at three moments, then the same command: every trial once in trials.csv,
     none re-run after it finished, one MLflow run each, none left RUNNING. The search is Optuna's
     (2 optimizer cells x 2 proposals of lr), whose state survives the kills: no proposal is lost
@@ -185,8 +186,11 @@ def test_a_driver_killed_during_encode_a_trial_and_the_report_resumes_without_re
     (study / "results" / "trials.csv").unlink(missing_ok=True)
     kill_when(start_driver(grid, cluster), lambda: (study / "results" / "trials.csv").exists(), "the report stage")
     before_last = final_entries(study)
+    assert len(before_last) == 4
 
+    capsys.readouterr()
     assert main([str(grid), "--address", cluster.address]) == 0
+    assert "nothing to run (Ray is not started)" in capsys.readouterr().out  # every trial was final
     after = final_entries(study)
     for name, mtime in before_last.items():  # finished trials were not run again
         assert after[name] == mtime, name

