@@ -16,6 +16,7 @@ target's store, and the embedding cache is keyed by image content).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import socket
 import time
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from foundation.embedding_cache import EmbeddingCache
 from foundation.errors import UserError
+from foundation.files import write_atomic
 from search_spaces.space import plan_trials, trial_id, zero_shot_id
 from study import stages
 from study.config import StudyConfig, config_hash, resolved_dict, write_resolved
@@ -41,6 +43,7 @@ from trainables.prompts import load_prompt_file
 from trainables.trial import BEST_DECODER_FILE
 
 ENCODE_SHARD = 32  # images per encode task
+REPORT_STAMP = "report.sha256"  # in results/: what the report was last built and logged from
 #: Per-epoch metrics as logged to MLflow (step = epoch). An epoch's duration is `epoch_seconds`: the
 #: final `seconds` (the trial's wall time) is logged at step = epochs run, the last epoch's step,
 #: where a metric of the same name would be dropped as a duplicate.
@@ -86,8 +89,6 @@ def _trial_params(config: dict, info: dict) -> dict:
 
 def run_study(config: StudyConfig, plan_text: str, *, fresh: bool = False, address: str | None = None,
               num_cpus: int | None = None, verify_cache: bool = False) -> StudyOutcome:
-    from study import ray_tune  # Ray is imported only when a study really runs
-
     # Checkpoints resolve, and are read once, before the study folder is claimed and before any
     # worker starts: a missing or corrupt file is one clear error here (not a Ray traceback per
     # worker), and leaves no resolved.yaml behind, so fixing weights.dir is not refused as "a
@@ -100,7 +101,7 @@ def run_study(config: StudyConfig, plan_text: str, *, fresh: bool = False, addre
     if config.prompts.file:  # the same for a prompts file
         load_prompt_file(Path(config.prompts.file))
     with study_lock(config.study_dir):
-        return _run_locked(ray_tune, config, plan_text, weights, fresh=fresh, address=address, num_cpus=num_cpus,
+        return _run_locked(config, plan_text, weights, fresh=fresh, address=address, num_cpus=num_cpus,
                            verify_cache=verify_cache)
 
 
@@ -134,7 +135,7 @@ def study_lock(study_dir: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run_locked(ray_tune, config: StudyConfig, plan_text: str, weights: dict, *, fresh: bool, address: str | None,
+def _run_locked(config: StudyConfig, plan_text: str, weights: dict, *, fresh: bool, address: str | None,
                 num_cpus: int | None, verify_cache: bool) -> StudyOutcome:
     study_dir = _claim_study_dir(config, fresh)
     targets = config.data.targets()
@@ -173,6 +174,8 @@ def _run_locked(ray_tune, config: StudyConfig, plan_text: str, weights: dict, *,
         opening = background.submit(_open_tracking, config, study_dir, plan_text, fresh)
         try:
             if work_left:
+                from study import ray_tune  # Ray is imported only when there is work for it
+
                 resources = stack.enter_context(ray_tune.ray_session(address or config.ray.address, num_cpus=num_cpus))
         finally:  # also when Ray fails to start: the parent run then ends FAILED
             tracker = stack.enter_context(opening.result())
@@ -416,6 +419,9 @@ def _tune(ray_tune, config: StudyConfig, plan, context, tracker: StudyTracker, i
 
 
 def _report(config: StudyConfig, study_dir: Path, tracker: StudyTracker) -> Path | None:
+    """Build the report and log it on the parent run, unless it was built and logged from the same
+    result tables before (`REPORT_STAMP`: the SHA-256 of resolved.yaml and results/*.csv, written
+    after the upload): a finished study rerun neither rebuilds nor re-uploads it."""
     if not config.report.enabled:
         return None
     try:
@@ -423,13 +429,21 @@ def _report(config: StudyConfig, study_dir: Path, tracker: StudyTracker) -> Path
         from analysis.results import ResultsError, load_study
     except ImportError:
         return None
+    report_dir = study_dir / "report"
+    stamp = study_dir / "results" / REPORT_STAMP
+    digest = hashlib.sha256()
+    for path in [study_dir / "resolved.yaml", *sorted((study_dir / "results").glob("*.csv"))]:
+        digest.update(path.name.encode() + path.read_bytes())
+    if (report_dir / "report.html").exists() and stamp.exists() and stamp.read_text() == digest.hexdigest():
+        print("Report: up to date (built from these result tables before); not rebuilt.", flush=True)
+        return report_dir
     try:
-        report_dir = study_dir / "report"
         build_report(load_study(study_dir), study_dir, report_dir, source=str(study_dir), seed=config.study.seed)
     except ResultsError as err:
         print(f"The report could not be written: {err}")
         return None
     tracker.log_parent_artifacts(report_dir, "report")
+    write_atomic(stamp, digest.hexdigest())
     return report_dir
 
 

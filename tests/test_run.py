@@ -224,3 +224,33 @@ def test_a_cluster_with_gpus_and_gpus_per_trial_0_is_warned_about():
     warning = idle_gpu_warning({"CPU": 16, "GPU": 2.0}, 0)
     assert "2 GPU(s)" in warning and "resources.gpus_per_trial" in warning
     assert idle_gpu_warning({"CPU": 16, "GPU": 2.0}, 0.25) is None and idle_gpu_warning({"CPU": 2}, 0) is None
+
+
+def test_the_report_is_rebuilt_and_logged_only_when_the_result_tables_change(tmp_path, monkeypatch):
+    """A finished study rerun keeps its report: `_report` rebuilds and re-logs it only when
+    resolved.yaml or a results/*.csv differs from what it was last built from."""
+    import analysis.report
+    from study.config import config_from_dict
+    from study.runner import _report
+    from tests.analysis.conftest import write_study
+
+    study_dir = write_study(tmp_path / "study", with_predictions=False)
+    builds, uploads = [], []
+    original = analysis.report.build_report
+    monkeypatch.setattr(analysis.report, "build_report", lambda *a, **k: builds.append(1) or original(*a, **k))
+
+    class Tracker:
+        def log_parent_artifacts(self, folder, path):
+            uploads.append((Path(folder).name, path))
+
+    config = config_from_dict({"study": {"name": "study", "out": str(tmp_path)}})
+    assert _report(config, study_dir, Tracker()) == study_dir / "report"
+    assert (study_dir / "report" / "report.html").is_file() and builds == [1] and uploads == [("report", "report")]
+    assert _report(config, study_dir, Tracker()) == study_dir / "report"
+    assert builds == [1] and len(uploads) == 1  # unchanged tables: neither rebuilt nor uploaded again
+    trials = study_dir / "results" / "trials.csv"
+    trials.write_text(trials.read_text())  # rewritten with the same bytes, as every rerun does: up to date
+    assert _report(config, study_dir, Tracker()) and builds == [1]
+    trials.write_text(trials.read_text() + "\n")  # a changed table
+    _report(config, study_dir, Tracker())
+    assert builds == [1, 1] and len(uploads) == 2
