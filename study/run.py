@@ -7,6 +7,8 @@ missing file) is printed as one paragraph with exit status 2, never as a traceba
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from foundation.errors import UserError
@@ -59,4 +61,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything the study wrote is on disk (atomic, fsync'ed writes), Ray is shut down and MLflow's
+    # runs are closed; what is left is the interpreter's teardown of torch, Ray and MLflow, 2.4 s
+    # on a 2-core machine. Flush and leave without it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -168,14 +168,16 @@ def _run_locked(config: StudyConfig, plan_text: str, weights: dict, *, fresh: bo
     zero_shot_todo = _zero_shot_todo(config, ledger)
     trials_todo = _trials_todo(plan, ledger)
     work_left = bool(encode_jobs or zero_shot_todo or trials_todo)
+    if work_left:
+        # Ray is imported only when there is work for it, and before MLflow's thread starts: both
+        # imports hold the interpreter lock, while ray.init mostly waits for its processes.
+        from study import ray_tune
     with ExitStack() as stack:
         # MLflow's store is opened (on a new study: its SQLite tables created, seconds) while Ray starts.
         background = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         opening = background.submit(_open_tracking, config, study_dir, plan_text, fresh)
         try:
             if work_left:
-                from study import ray_tune  # Ray is imported only when there is work for it
-
                 resources = stack.enter_context(ray_tune.ray_session(address or config.ray.address, num_cpus=num_cpus))
         finally:  # also when Ray fails to start: the parent run then ends FAILED
             tracker = stack.enter_context(opening.result())
