@@ -298,6 +298,16 @@ def test_sam2_matches_sam2_image_predictor(small_backbone):
         assert np.allclose(logits[0].detach().numpy(), low_res, atol=1e-5)
         assert np.allclose(our_iou[0].detach().numpy(), iou, atol=1e-5)
         assert np.allclose(sam2.postprocess(logits, (90, 130))[0].detach().numpy(), masks, atol=1e-5)
+    # The last step's low-resolution logits fed back as the mask input (a corrective-click round).
+    _, _, fed_back = predictor.predict(points, labels, box, mask_input=low_res, multimask_output=False,
+                                       return_logits=True)
+    logits, _ = sam2.decode(features, points=torch.from_numpy(sam2.to_input_frame(points, (90, 130)))[None],
+                            point_labels=torch.from_numpy(labels)[None],
+                            boxes=torch.from_numpy(sam2.to_input_frame(box, (90, 130)))[None],
+                            mask_input=torch.from_numpy(low_res)[None])
+    without = predictor.predict(points, labels, box, multimask_output=False, return_logits=True)[2]
+    assert not np.allclose(fed_back, without, atol=1e-3)  # the mask input changes the answer
+    assert np.allclose(logits[0].detach().numpy(), fed_back, atol=1e-5)
 
 
 def test_postprocess_cuts_the_padding_as_segment_anything_does(small_backbone):

@@ -210,7 +210,11 @@ class Backbone:
         point_labels: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
         multimask: bool = False,
+        mask_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits and predicted IoU for N rows of prompts in the input frame. `mask_input`
+        (N, 1, 4h, 4w): earlier low-resolution logits fed back as a dense prompt (SAM's and SAM 2's
+        `mask_input`, what corrective clicks use), or None."""
         raise NotImplementedError
 
     def use_official_inference(self, enabled: bool) -> None:

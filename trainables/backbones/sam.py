@@ -239,6 +239,7 @@ class SamFamilyBackbone(Backbone):
         point_labels: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
         multimask: bool = False,
+        mask_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits (N, K, 4h, 4w) and predicted IoU (N, K), K = 3 if ``multimask`` else 1."""
         image_embed = features["image_embed"].to(self.device, torch.float32)
@@ -246,7 +247,8 @@ class SamFamilyBackbone(Backbone):
         point_input = point_prompts(points, point_labels, rows, self.device)
         box_input = None if boxes is None else boxes.to(self.device, torch.float32).reshape(rows, 4)
 
-        sparse, dense = self.prompt_encoder(points=point_input, boxes=box_input, masks=None)
+        masks = None if mask_input is None else mask_input.to(self.device, torch.float32)
+        sparse, dense = self.prompt_encoder(points=point_input, boxes=box_input, masks=masks)
         if sparse.shape[0] != rows:  # no prompt at all: the prompt encoder answers for one row
             sparse = sparse.expand(rows, -1, -1)
             dense = dense.expand(rows, -1, -1, -1)

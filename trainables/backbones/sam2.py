@@ -139,6 +139,7 @@ class Sam2Backbone(Backbone):
         point_labels: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
         multimask: bool = False,
+        mask_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits (N, K, S/4, S/4) and predicted IoU (N, K), K = 3 if ``multimask`` else 1."""
         image_embed = features["image_embed"].to(self.device, torch.float32)
@@ -156,7 +157,8 @@ class Sam2Backbone(Backbone):
             labels = point_input[1] if labels is None else torch.cat([labels, point_input[1]], dim=1)
 
         sparse, dense = self.prompt_encoder(
-            points=None if coords is None else (coords, labels), boxes=None, masks=None
+            points=None if coords is None else (coords, labels), boxes=None,
+            masks=None if mask_input is None else mask_input.to(self.device, torch.float32),
         )
         if sparse.shape[0] != rows:  # no prompt at all: the prompt encoder answers for one row
             sparse = sparse.expand(rows, -1, -1)
