@@ -140,22 +140,23 @@ class StageWorkers:
         self.gpus_wanted = gpus_wanted
         self.actors: list = []
 
-    def size(self) -> int:
-        """The number of actors the pool has, or will start with."""
-        if self.actors:
-            return len(self.actors)
+    def _layout(self) -> tuple[dict, int]:
+        """(actor options, actor count) for the cluster as it is now."""
         have = ray.cluster_resources()
         if have.get("GPU") or self.gpus_wanted:
-            return max(int(have.get("GPU", 0)), 1)
-        return max(int(have.get("CPU", 1)), 1)
+            return {"num_gpus": 1, "num_cpus": 1}, max(int(have.get("GPU", 0)), 1)
+        return {"num_cpus": 1}, max(int(have.get("CPU", 1)), 1)
+
+    def size(self) -> int:
+        """The number of actors the pool has, or will start with."""
+        return len(self.actors) if self.actors else self._layout()[1]
 
     def _start(self) -> None:
-        have_gpus = bool(ray.cluster_resources().get("GPU"))
-        if not have_gpus and self.gpus_wanted:
+        options, count = self._layout()
+        if self.gpus_wanted and not ray.cluster_resources().get("GPU"):
             print("The cluster has no GPU yet and resources.gpus_per_trial asks for GPUs: the encode stage "
                   "waits for a GPU node to join.", flush=True)
-        options = {"num_gpus": 1, "num_cpus": 1} if have_gpus or self.gpus_wanted else {"num_cpus": 1}
-        self.actors = [_StageWorker.options(**options).remote() for _ in range(self.size())]
+        self.actors = [_StageWorker.options(**options).remote() for _ in range(count)]
 
     def _run(self, calls: list[tuple[str, tuple]], on_done: Callable[[int, object], None]) -> None:
         """Each call (method, args) on the next idle actor; `on_done(index, result)` as they finish.

@@ -255,16 +255,14 @@ def _encode_jobs(config: StudyConfig, datasets: list, weights: dict, cache_root:
     starts no encode worker; any other entry goes to a worker, which verifies it by its checksums
     and encodes it again if it is missing or damaged. `full_check` sends every entry to be
     re-hashed."""
-    stores = {str(Path(dataset.root).resolve()): dataset for dataset in datasets}
+    stores = [(root, keys, dataset, {(r.image_id, r.view): r for r in dataset.records})
+              for (root, keys), dataset in zip(encode_keys(datasets), datasets)]
     todo: list[tuple[str, str, str, list]] = []
     hits = 0
     for name in config.factors.backbone:
-        spec = get_spec(name)
-        for root, keys in encode_keys(datasets):
-            dataset = stores[root]
-            cache = EmbeddingCache.for_model(Path(cache_root), spec, weights_id(weights[name]), spec.input_size,
-                                             dataset.key)
-            records = {(r.image_id, r.view): r for r in dataset.records}
+        spec, identity = get_spec(name), weights_id(weights[name])
+        for root, keys, dataset, records in stores:
+            cache = EmbeddingCache.for_model(Path(cache_root), spec, identity, spec.input_size, dataset.key)
             missing = [key for key in keys if full_check or not cache.is_verified(records[key])]
             hits += len(keys) - len(missing)
             if missing:
@@ -277,10 +275,11 @@ def _encode(workers, todo: list[tuple[str, str, str, list]], hits: int, cache_ro
     ENCODE_SHARD images, at least one shard per worker."""
     totals = {"hits": hits, "misses": 0, "corrupt": 0}
     if todo:
-        size = max(1, min(ENCODE_SHARD, -(-sum(len(keys) for *_, keys in todo) // workers.size())))
+        images = sum(len(keys) for *_, keys in todo)
+        size = max(1, min(ENCODE_SHARD, -(-images // workers.size())))
         jobs = [(name, weights, root, keys[i:i + size]) for name, weights, root, keys in todo
                 for i in range(0, len(keys), size)]
-        with tqdm(total=sum(len(job[3]) for job in jobs), desc="encode", unit="img") as bar:
+        with tqdm(total=images, desc="encode", unit="img") as bar:
             def progress(images: int, counts: dict) -> None:
                 bar.update(images)
                 for key in totals:
@@ -339,7 +338,7 @@ def _zero_shot_todo(config: StudyConfig, ledger: TrialLedger) -> list[tuple[str,
         return []
     todo = []
     for backbone, prompt, target in zero_shot_runs(config):
-        params = {"backbone": backbone, "prompt": prompt, **({"target": target} if target else {})}
+        params = stages.zero_shot_params(backbone, prompt, target)
         if ledger.plan(zero_shot_id(backbone, prompt, target), "zero_shot", params).to_run:
             todo.append((backbone, prompt, target))
     return todo
@@ -348,10 +347,9 @@ def _zero_shot_todo(config: StudyConfig, ledger: TrialLedger) -> list[tuple[str,
 def _zero_shot(workers, todo: list[tuple[str, str, str | None]], context, tracker: StudyTracker, info: dict) -> None:
     if not todo:
         return
-    ledger = TrialLedger(context.study_dir)
     for backbone, prompt, target in todo:
         _open_run(tracker, zero_shot_id(backbone, prompt, target), "zero_shot",
-                  ledger.read(zero_shot_id(backbone, prompt, target)).params, info)
+                  stages.zero_shot_params(backbone, prompt, target), info)
     errors: list[TrialEntry] = []
     with tqdm(total=len(todo), desc="zero-shot", unit="eval") as bar:
         def on_result(entry: TrialEntry) -> None:

@@ -131,6 +131,11 @@ def _last_epoch(folder: Path) -> dict | None:
     return {k: float(v) if k != "trial_id" else v for k, v in rows[-1].items()} if rows else None
 
 
+def zero_shot_params(backbone: str, prompt: str, target: str | None = None) -> dict:
+    """A zero-shot evaluation's params, as its ledger entry and MLflow run hold them."""
+    return {"backbone": backbone, "prompt": prompt, **({"target": target} if target else {})}
+
+
 def zero_shot(backbone_name: str, prompt: str, context: StudyContext, node: str | None = None,
               target: str | None = None, residency=None) -> TrialEntry:
     """Evaluate a backbone with its own decoder on val and test with one prompt; no training.
@@ -141,7 +146,7 @@ def zero_shot(backbone_name: str, prompt: str, context: StudyContext, node: str 
     from trainables.trial import run_trial
 
     name = zero_shot_id(backbone_name, prompt, target)
-    params = {"backbone": backbone_name, "prompt": prompt, **({"target": target} if target else {})}
+    params = zero_shot_params(backbone_name, prompt, target)
     ledger = TrialLedger(context.study_dir)
     entry = ledger.start(name, "zero_shot", params, node)
     if not entry.to_run:
