@@ -115,6 +115,24 @@ def model_size_figure(points: pd.DataFrame, metric: str = "Dice"):
     return figure
 
 
+def click_curves(curves: dict[str, pd.DataFrame], zero_shot: set[str]):
+    """Mean test Dice against the number of corrective clicks, one line per configuration (label ->
+    table of click, mean, low, high) with its 95% CI as a band; zero-shot configurations dashed."""
+    figure, axes = plt.subplots(figsize=(7.2, 4.2))
+    for label, curve in curves.items():
+        style = "--" if label in zero_shot else "-"
+        line, = axes.plot(curve["click"], curve["mean"], style, marker="o", markersize=4, label=label)
+        axes.fill_between(curve["click"], curve["low"], curve["high"], color=line.get_color(), alpha=0.12)
+    clicks = int(max(curve["click"].max() for curve in curves.values()))
+    axes.set_xticks(range(clicks + 1))
+    axes.set_xlabel("corrective clicks after the prompt (0: the prompt alone)")
+    axes.set_ylabel("test Dice (mean, 95% CI)")
+    axes.set_title("Dice against clicks", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return figure
+
+
 def box_plot(values: dict[str, np.ndarray], metric: str, note: str = "", unit: str = "image"):
     """Horizontal box plots of per-`unit` `metric` (unit: image or subject), one box per configuration
     (label -> values)."""

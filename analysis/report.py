@@ -27,11 +27,12 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures
+from analysis.clicks import AUC, click_metric, clicks_of
 from analysis.overlays import prediction_examples
 from analysis.results import (FINETUNE, ZERO_SHOT, ResultsError, StudyResults, format_level, load_from_mlflow,
                               load_study, read_resolved_config, read_tracking, search_ranges)
 from analysis.statistics import (ALPHA, BOOTSTRAP_RESAMPLES, CONFIDENCE, NOISE_RULE, best_configuration, cell_means,
-                                 factor_tests, format_p, hyperparameter_importance, marginal_means, study_seed_sd,
+                                 configuration_ci, factor_tests, format_p, hyperparameter_importance, marginal_means, study_seed_sd,
                                  subject_3d_table, summary_table, unit_values, zero_shot_change)
 
 
@@ -280,6 +281,12 @@ def _protocol_bullets(ctx: ReportContext) -> list[str]:
     else:
         bullets.append("resolved.yaml does not record evaluation.single_point_multimask (a study written before it "
                        "existed): how single-point prompts were scored is not recorded.")
+    clicks = clicks_of(per_image)
+    if clicks:
+        bullets.append(f"Corrective clicks (evaluation.clicks: {clicks}, click_rule: "
+                       f"{evaluation.get('click_rule', 'not recorded')}): every test image is also scored after each "
+                       f"of {clicks} simulated clicks, from results/per_click.csv; the single-shot numbers everywhere "
+                       f"else are click 0. Section 6 defines Dice@k and the AUC and tests the AUC.")
     if unit == "subject" or (len(per_subject) and (pd.to_numeric(per_subject["slices"], errors="coerce") > 1).any()):
         if len(per_subject):
             bullets.append("Volumes: every test slice that holds the target is evaluated (min_area filters training "
@@ -714,7 +721,12 @@ def _statistics_section(doc: Document, ctx: ReportContext):
         doc.bullets(sentences)
         if not sentences:
             doc.text("No other grid factor to pool over: the comparisons in (a) are the whole story.")
-    shown = pd.DataFrame({
+    doc.table(_tests_table(tests, unit), "paired_tests", tests)
+
+
+def _tests_table(tests: pd.DataFrame, unit: str) -> pd.DataFrame:
+    """The rows of analysis.statistics.factor_tests as the report shows them."""
+    return pd.DataFrame({
         "Factor": tests["factor"], "Comparison": tests["comparison"],
         "A": [format_level(v) for v in tests["level_a"]], "B": [format_level(v) for v in tests["level_b"]],
         f"n {unit}s": tests["n"], "Mean A": [_number(v, 3) for v in tests["mean_a"]],
@@ -726,15 +738,89 @@ def _statistics_section(doc: Document, ctx: ReportContext):
         "Seed SD": [_number(v, 3) for v in tests["seed_sd"]],
         "Training noise": [_within(v) for v in tests["within_noise"]],
     })
-    doc.table(shown, "paired_tests", tests)
 
 
-def _importance_section(doc: Document, ctx: ReportContext):
+#: At most this many configurations' click curves are drawn (the zero-shot ones come on top).
+CURVES_SHOWN = 8
+
+
+def _clicks_section(doc: Document, ctx: ReportContext, number: int) -> bool:
+    """Dice against corrective clicks (evaluation.clicks): curves, Dice@k and AUC, paired AUC tests.
+    False (and nothing written) when the study evaluated no clicks."""
+    results, unit = ctx.results, ctx.unit
+    clicks = clicks_of(results.per_image)
+    if not clicks:
+        return False
+    doc.heading(f"{number}. Corrective clicks")
+    evaluation = results.config.get("evaluation") or {}
+    rule = evaluation.get("click_rule", "not recorded")
+    rule_words = {"center": "the centre of the largest error (the deepest pixel of the larger of the false-negative "
+                            "and false-positive regions, by a Euclidean distance transform with the image border as "
+                            "boundary; a positive click in a false negative, a negative one in a false positive)",
+                  "random": "a pixel drawn uniformly from the error region (seeded per image and round)"}
+    where = (f"at {rule_words[rule]} (evaluation.click_rule: {rule})" if rule in rule_words
+             else "(the click rule is not recorded in resolved.yaml)")
+    doc.text(f"Every test image was also segmented interactively: after the prompt (click 0), {clicks} rounds each add "
+             f"one simulated click {where} to all earlier "
+             f"clicks, and the model decodes again with its previous low-resolution logits as mask input. An image "
+             f"segmented perfectly gets no more clicks (its curve stays flat). Dice@k is the test Dice after k "
+             f"clicks; the AUC is the normalised area under an image's Dice-against-clicks curve from click 0 to "
+             f"{clicks} (trapezoid rule, divided by {clicks}: 1 only for a perfect mask from the prompt on). Both are "
+             f"means over {unit}s ({_unit_value(ctx)}) with {CONFIDENCE:.0%} {unit}-level bootstrap CIs, as in the "
+             f"summary.")
+    keys = [key for key in ctx.summary["configuration"]
+            if np.isfinite(unit_values(results, [key], AUC)).any()]
+    summary = ctx.summary.set_index("configuration").loc[keys].reset_index()
+    ranked = pd.concat([summary[summary["stage"] == ZERO_SHOT],
+                        summary[summary["stage"] != ZERO_SHOT].sort_values("val_dice", ascending=False)])
+    shown_ks = sorted({k for k in (0, 1, 3, 5, 10, clicks) if k <= clicks})
+    rows, curves = [], {}
+    for _, conf in ranked.iterrows():
+        key = conf["configuration"]
+        cis = [configuration_ci(results, [key], click_metric(k), ctx.seed) for k in range(clicks + 1)]
+        auc = configuration_ci(results, [key], AUC, ctx.seed)
+        row = {"Configuration": conf["label"], "Stage": conf["stage"].replace("_", "-"), "Seeds": conf["seeds"],
+               f"n {unit}s": auc.n}
+        row.update({f"Dice@{k} [95% CI]": _ci(cis[k].mean, cis[k].low, cis[k].high) for k in shown_ks})
+        row["AUC [95% CI]"] = _ci(auc.mean, auc.low, auc.high)
+        rows.append(row)
+        curves[key] = pd.DataFrame({"click": range(clicks + 1), "mean": [c.mean for c in cis],
+                                    "low": [c.low for c in cis], "high": [c.high for c in cis]})
+    # Drawn: the CURVES_SHOWN fine-tuned configurations best on validation Dice, and the zero-shot
+    # evaluations of their backbones and prompts.
+    tuned = ranked[ranked["stage"] != ZERO_SHOT].head(CURVES_SHOWN)
+    pairs = set(zip(tuned["backbone"], tuned["eval_prompt"]))
+    matching = np.array([pair in pairs for pair in zip(ranked["backbone"], ranked["eval_prompt"])], bool)
+    zero_shot = ranked[(ranked["stage"] == ZERO_SHOT).to_numpy() & matching]
+    drawn = pd.concat([zero_shot, tuned])
+    of = len(ranked) - int((ranked["stage"] == ZERO_SHOT).sum())
+    doc.figure(figures.click_curves({c["label"]: curves[c["configuration"]] for _, c in drawn.iterrows()},
+                                    set(zero_shot["label"])), "click_curves",
+               f"Test Dice after 0..{clicks} corrective clicks (mean over {unit}s, band: 95% CI); solid: the "
+               f"{len(tuned)} fine-tuned configuration(s) with the highest validation Dice" + (f" (of {of})" if of > len(tuned)
+                                                                                             else "")
+               + "; dashed: the zero-shot model of the same backbone and prompt. Every configuration is in the table.")
+    doc.table(pd.DataFrame(rows), "clicks", caption=f"Dice after k clicks (Dice@0: the prompt alone, the summary's "
+              f"Dice) and the normalised AUC over clicks 0..{clicks}; zero-shot first, then by validation Dice.")
+    tests = factor_tests(results, AUC)
+    if tests.empty:
+        doc.text("No paired tests of the AUC: no factor takes more than one value among the fine-tuned trials.")
+        return True
+    doc.text(f"Paired tests of the click AUC per {unit}, as section 5 does for the single-shot Dice (the same pairs, "
+             f"matched {unit} by {unit}; these {int(tests['p'].notna().sum())} tests are their own Holm family). A "
+             f"factor can rank differently here than on the single-shot Dice: a model that starts lower may use "
+             f"clicks better.")
+    doc.bullets(list(tests["sentence"]))
+    doc.table(_tests_table(tests, unit), "paired_tests_click_auc", tests)
+    return True
+
+
+def _importance_section(doc: Document, ctx: ReportContext, number: int):
     results = ctx.results
     algorithm = (results.config.get("search") or {}).get("algorithm", "grid")
     if algorithm not in ("random", "optuna"):
         return
-    doc.heading("6. Hyperparameter importance")
+    doc.heading(f"{number}. Hyperparameter importance")
     importance, used, objective = hyperparameter_importance(results, seed=ctx.seed)
     if importance.empty:
         doc.text(f"No importance: fANOVA needs at least 3 finished trials with a {objective} and a parameter that "
@@ -778,7 +864,7 @@ def build_report(results: StudyResults, study_dir: Path, out_dir: Path, source: 
     _per_image_section(doc, ctx)
     _overlay_section(doc, ctx)
     _statistics_section(doc, ctx)
-    _importance_section(doc, ctx)
+    _importance_section(doc, ctx, 7 if _clicks_section(doc, ctx, 6) else 6)
     doc.heading("Files")
     doc.bullets([f"{p.relative_to(out_dir)}" for p in doc.figure_files + doc.table_files])
     title = f"Ablation report: {results.name}"

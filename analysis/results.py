@@ -1,7 +1,9 @@
 """Reading a finished study back: the study folder or its MLflow experiment, into tables.
 
 `load_study(study_dir)` reads `resolved.yaml` and `results/{trials,per_image,history}.csv`
-(and `results/per_subject.csv` when the study wrote one; older study folders lack it);
+(and `results/per_subject.csv` when the study wrote one, older study folders lack it;
+`results/per_click.csv` when it evaluated corrective clicks, whose curves become per-image
+columns `dice_click_k` and `click_auc`, see analysis.clicks);
 `load_from_mlflow(uri, experiment)` reads the same facts from the trial runs of one study's
 parent run in an MLflow experiment (params, metric histories, the `per_image.csv` and
 `per_subject.csv` artifacts); an experiment may hold several studies.
@@ -40,16 +42,19 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from analysis.clicks import KEY as CLICK_KEY, per_image_click_columns
+
 # Factor names a study may have (study.config's `factors:` section, and `target` when `data.target`
 # is a list), used only when a study folder has no resolved.yaml to say which columns of trials.csv
 # are factors.
 KNOWN_FACTORS = ("target", "backbone", "optimizer", "loss", "prompt", "eval_prompt", "lr", "weight_decay", "momentum",
                  "epochs", "batch_size", "grad_accum", "schedule", "warmup_epochs", "swa", "multimask",
-                 "train_prompt_encoder", "iou_loss_weight")
+                 "train_prompt_encoder", "iou_loss_weight", "train_clicks")
 TRIAL_COLUMNS = ("trial_id", "stage", "status", "backbone")
 PER_IMAGE_COLUMNS = ("trial_id", "image_id", "dice")
 PER_IMAGE_METRICS = ("dice", "iou", "miou", "hd95", "hd95_mm", "hd95_penalised", "nsd")
 PER_SUBJECT_COLUMNS = ("trial_id", "subject")
+PER_CLICK_COLUMNS = ("trial_id", "prompt", "image_id", "click", "dice")
 PER_SUBJECT_METRICS = ("dice_3d", "hd95_3d", "hd95_3d_mm", "hd95_3d_penalised", "nsd_3d", "slices", "voxels")
 TRIAL_METRICS = ("epochs_run", "val_dice", "test_dice", "test_iou", "test_miou", "test_hd95", "test_nsd",
                  "test_hd95_penalised", "test_subjects", "seconds")
@@ -281,6 +286,9 @@ def load_study(study_dir: str | Path) -> StudyResults:
     per_subject_path = results_dir / "per_subject.csv"  # optional: written since the 3D metrics
     per_subject = (_read_csv(per_subject_path, PER_SUBJECT_COLUMNS, study_dir) if per_subject_path.is_file()
                    else pd.DataFrame())
+    per_click_path = results_dir / "per_click.csv"  # optional: written with evaluation.clicks
+    per_click = (_read_csv(per_click_path, PER_CLICK_COLUMNS, study_dir) if per_click_path.is_file()
+                 else pd.DataFrame())
     if config:
         factors = [name for name in (config.get("factors") or {}) if name in trials.columns]
         if isinstance((config.get("data") or {}).get("target"), list) and "target" in trials.columns:
@@ -291,7 +299,7 @@ def load_study(study_dir: str | Path) -> StudyResults:
                      f"({', '.join(factors)}).")
     name = str((config.get("study") or {}).get("name") or study_dir.name)
     return _assemble(name, trials, per_image, history, factors, config, notes, source=str(results_dir),
-                     per_subject=per_subject)
+                     per_subject=per_subject, per_click=per_click)
 
 
 # --- MLflow ---------------------------------------------------------------------------------------
@@ -395,7 +403,7 @@ def load_from_mlflow(tracking_uri: str, experiment: str, config: dict | None = N
         under = "" if parent is None else f" under parent run {parent.info.run_id}"
         raise ResultsError(f"{where} has no trial runs (tag sam_study.role=trial){under}: the study has not "
                            f"finished any trial; run python -m study.run <grid.yaml> to resume it.")
-    trial_rows, per_image_tables, per_subject_tables, history_tables = [], [], [], []
+    trial_rows, per_image_tables, per_subject_tables, history_tables, per_click_tables = [], [], [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         for run in sorted(trial_runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
             tags, metrics = run.data.tags, run.data.metrics
@@ -419,7 +427,8 @@ def load_from_mlflow(tracking_uri: str, experiment: str, config: dict | None = N
                 history_tables.append(epochs.assign(trial_id=trial_id))
             trial_rows.append(row)
             logged = {a.path for a in client.list_artifacts(run.info.run_id)}
-            for artifact, tables in (("per_image.csv", per_image_tables), ("per_subject.csv", per_subject_tables)):
+            for artifact, tables in (("per_image.csv", per_image_tables), ("per_subject.csv", per_subject_tables),
+                                     ("per_click.csv", per_click_tables)):
                 if artifact in logged:
                     local = client.download_artifacts(run.info.run_id, artifact, scratch)
                     tables.append(pd.read_csv(local, dtype={"trial_id": str, "image_id": str, "subject": str})
@@ -431,6 +440,7 @@ def load_from_mlflow(tracking_uri: str, experiment: str, config: dict | None = N
                else pd.DataFrame(columns=["trial_id", "epoch", *HISTORY_METRICS]))
     history = history[["trial_id", "epoch"] + [c for c in history.columns if c not in ("trial_id", "epoch")]]
     per_subject = pd.concat(per_subject_tables, ignore_index=True) if per_subject_tables else pd.DataFrame()
+    per_click = pd.concat(per_click_tables, ignore_index=True) if per_click_tables else pd.DataFrame()
     # Parameter counts (image_encoder_params, mask_decoder_params, ...) describe a backbone; they are not factors.
     factors = [c for c in trials.columns if c not in (*TRIAL_COLUMNS[:3], *TRIAL_METRICS, *NOT_FACTORS, "family")
                and not c.endswith("_params")]
@@ -438,14 +448,15 @@ def load_from_mlflow(tracking_uri: str, experiment: str, config: dict | None = N
     if parent is not None:
         name = parent.data.tags.get("mlflow.runName") or parent.info.run_name or experiment
     return _assemble(name, trials, per_image, history, factors, dict(config or {}), notes,
-                     source=f"MLflow experiment {experiment!r} at {tracking_uri}", per_subject=per_subject)
+                     source=f"MLflow experiment {experiment!r} at {tracking_uri}", per_subject=per_subject,
+                     per_click=per_click)
 
 
 # --- evaluations ----------------------------------------------------------------------------------
 
 
 def _assemble(name, trials, per_image, history, factors, config, notes, source,
-              per_subject: pd.DataFrame | None = None) -> StudyResults:
+              per_subject: pd.DataFrame | None = None, per_click: pd.DataFrame | None = None) -> StudyResults:
     """Check the tables against each other and build a StudyResults."""
     trials = trials.copy()
     trials["trial_id"] = trials["trial_id"].astype(str)
@@ -487,6 +498,8 @@ def _assemble(name, trials, per_image, history, factors, config, notes, source,
         raise ResultsError(f"{source}: per_image.csv scores image {bad['image_id']} of trial {bad['trial_id']} "
                            f"(prompt {bad['prompt']}) twice with different values, so it is unclear which run "
                            f"of the trial to report. Remove the stale rows or re-run the trial.")
+    if per_click is not None and not per_click.empty:
+        per_image = _with_click_columns(per_image, per_click, notes, source)
     if not history.empty:
         history = history.copy()
         history["trial_id"] = history["trial_id"].astype(str)
@@ -497,6 +510,27 @@ def _assemble(name, trials, per_image, history, factors, config, notes, source,
         raise ResultsError(f"{source} holds no per-image test results: no trial has finished its test "
                            f"evaluation yet; run python -m study.run <grid.yaml> to resume the study.")
     return results
+
+
+def _with_click_columns(per_image: pd.DataFrame, per_click: pd.DataFrame, notes: list[str],
+                        source: str) -> pd.DataFrame:
+    """per_image with the click columns of per_click.csv (analysis.clicks) joined on (trial, prompt,
+    image); a note when an image's click-0 Dice differs from its per-image Dice (it must not: both
+    are the same prediction)."""
+    per_click = per_click.astype({"trial_id": str, "image_id": str, "prompt": str})
+    per_click = per_click[~per_click.duplicated()]
+    if per_click.duplicated(CLICK_KEY + ["click"]).any():
+        bad = per_click.loc[per_click.duplicated(CLICK_KEY + ["click"])].iloc[0]
+        raise ResultsError(f"{source}: per_click.csv scores click {bad['click']} of image {bad['image_id']} of trial "
+                           f"{bad['trial_id']} (prompt {bad['prompt']}) twice with different values. Remove the "
+                           f"stale rows or re-run the trial.")
+    merged = per_image.merge(per_image_click_columns(per_click), on=CLICK_KEY, how="left")
+    differ = merged["click0"].notna() & ((merged["click0"] - merged["dice"]).abs() > 1e-9)
+    if differ.any():
+        notes.append(f"{int(differ.sum())} per-image Dice value(s) differ from the click-0 Dice of per_click.csv "
+                     f"(trials {', '.join(sorted(merged.loc[differ, 'trial_id'].unique())[:5])}); the click curves "
+                     f"use per_click.csv's values from click 1 on.")
+    return merged.drop(columns="click0")
 
 
 def _check_per_subject(per_subject: pd.DataFrame | None, trials: pd.DataFrame, notes: list[str],

@@ -478,6 +478,10 @@ def _noise_clause(test: dict) -> str:
             f"(noise SD of this difference {test['noise_sd']:.3f}): {verdict}.")
 
 
+#: How a metric is named in a sentence.
+METRIC_NAMES = {"dice": "Dice", "click_auc": "click AUC"}
+
+
 def _sentence(test: dict, factor: str) -> str:
     a, b = level_name(factor, test["level_a"]), level_name(factor, test["level_b"])
     where = test["context"]
@@ -485,13 +489,14 @@ def _sentence(test: dict, factor: str) -> str:
         return f"{a} vs {b} ({where}): not tested, {test['reason']}." + _noise_clause(test)
     p = f"p = {format_p(test['p_holm'])} after Holm"
     n = f"n = {test['n']} {test['unit']}s"
+    metric = METRIC_NAMES.get(test["metric"], test["metric"])
     if test["p_holm"] < ALPHA:
         winner, loser = (a, b) if test["rank_biserial"] > 0 else (b, a)
-        return (f"{winner} beats {loser} by {abs(test['median_difference']):.3f} Dice (median paired "
+        return (f"{winner} beats {loser} by {abs(test['median_difference']):.3f} {metric} (median paired "
                 f"difference; rank-biserial r = {abs(test['rank_biserial']):.2f}), {p}, {n} "
                 f"({where}).") + _noise_clause(test)
     return (f"{a} vs {b}: no significant difference (median paired difference {test['median_difference']:+.3f} "
-            f"Dice, {p}, {n}; {where}).") + _noise_clause(test)
+            f"{metric}, {p}, {n}; {where}).") + _noise_clause(test)
 
 
 def paired_configurations(results, keys_a: list[str], keys_b: list[str], metric: str = "dice") -> tuple[pd.Series, pd.Series]:
@@ -580,7 +585,7 @@ def _seeds_of(results, keys: list[str]) -> list[int]:
 
 
 def _test_row(results, factor, comparison, level_a, level_b, keys_a, keys_b, context, metric, sd, df) -> dict:
-    row = {"factor": factor, "comparison": comparison, "level_a": level_a, "level_b": level_b,
+    row = {"factor": factor, "metric": metric, "comparison": comparison, "level_a": level_a, "level_b": level_b,
            "configurations_a": len(keys_a), "configurations_b": len(keys_b),
            "seeds_a": sum(_seeds_of(results, keys_a)), "seeds_b": sum(_seeds_of(results, keys_b)),
            "unit": results.unit, "context": context, "seed_sd": sd, "seed_sd_df": df}
@@ -593,7 +598,8 @@ def _test_row(results, factor, comparison, level_a, level_b, keys_a, keys_b, con
     a, b = paired_configurations(results, keys_a, keys_b, metric)
     test = paired_wilcoxon(a.to_numpy(), b.to_numpy())
     noise = difference_noise_sd(sd, _seeds_of(results, keys_a), _seeds_of(results, keys_b))
-    reason = f"no test {results.unit} scored by both" if test.n == 0 else f"every {results.unit} has the same Dice under both"
+    reason = (f"no test {results.unit} scored by both" if test.n == 0 else
+              f"every {results.unit} has the same {METRIC_NAMES.get(metric, metric)} under both")
     row.update(n=test.n, n_nonzero=test.n_nonzero, mean_a=float(a.mean()) if len(a) else math.nan,
                mean_b=float(b.mean()) if len(b) else math.nan, statistic=test.statistic, p=test.p,
                mean_difference=test.mean_difference, median_difference=test.median_difference,

@@ -116,7 +116,7 @@ def measure(name: str, dataset: PreparedDataset, work: Path, args) -> dict:
     # Warm-up, not measured: one decoder forward and backward on a full batch, which grows the
     # heap to its working size once (its page faults would otherwise land in the first epoch).
     warm = runs["cached"]
-    logits, _, target = warm.forward(train[: args.batch_size], spec.prompt, 0)
+    logits, _, target, _ = warm.forward(train[: args.batch_size], spec.prompt, 0)
     warm.loss_fn(logits, target).backward()
     warm.optimizer.zero_grad(set_to_none=True)
 

@@ -209,6 +209,7 @@ class FactorsSection(_Section):
     multimask: tuple[Literal["single", "best_iou"], ...] = ("single",)
     train_prompt_encoder: tuple[bool, ...] = (False,)
     iou_loss_weight: Number = (1.0,)  # SAM, SAM 2 and micro-sam regress the IoU head with weight 1
+    train_clicks: tuple[int, ...] = (0,)  # corrective-click sub-iterations per training step
 
     @field_validator("*", mode="before")
     @classmethod
@@ -225,7 +226,7 @@ class FactorsSection(_Section):
                 raise ValueError(f"must be at least 1, got {v}")
         return values
 
-    @field_validator("lr", "weight_decay", "momentum", "iou_loss_weight", "warmup_epochs")
+    @field_validator("lr", "weight_decay", "momentum", "iou_loss_weight", "warmup_epochs", "train_clicks")
     @classmethod
     def _non_negative(cls, values, info):
         if isinstance(values, Range):
@@ -269,6 +270,8 @@ class EvaluationSection(_Section):
     single_point_multimask: bool = True  # one-point prompts: 3 masks, keep the best predicted IoU
     nsd_tolerance_mm: float = Field(2.0, gt=0)  # NSD tolerance: mm with spacing, else pixels
     hd95_penalty: Literal["diagonal"] = "diagonal"  # HD95 when exactly one mask is empty
+    clicks: int = Field(0, ge=0, le=100)  # corrective clicks after the prompt, on every test image
+    click_rule: Literal["center", "random"] = "center"  # centre of the largest error, or uniform in the error
 
 
 class SchedulerSection(_Section):

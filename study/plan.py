@@ -119,6 +119,8 @@ def format_plan(plan: StudyPlan) -> str:
            else "single mask")
         + f"; NSD at {evaluation.nsd_tolerance_mm:g} mm (pixels without spacing); HD95 with exactly one "
         f"empty mask = the image {evaluation.hd95_penalty}"
+        + (f"; then {evaluation.clicks} corrective click(s) per test image ({evaluation.click_rule} rule, the "
+           f"previous mask fed back; one more decoder pass each), results/per_click.csv" if evaluation.clicks else "")
     )
     stored = sum(sum(d.images.values()) for d in plan.datasets)
     shared = f" (distinct over the {len(plan.datasets)} targets' {stored} store images)" if several else ""

@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from analysis.clicks import click_auc
 from foundation.embedding_cache import EmbeddingCache
 from foundation.errors import UserError
 from foundation.files import write_atomic
@@ -154,6 +155,7 @@ def _run_locked(config: StudyConfig, plan_text: str, weights: dict, *, fresh: bo
         select_metric=config.search.metric, select_mode=config.search.mode,
         single_point_multimask=config.evaluation.single_point_multimask,
         nsd_tolerance=config.evaluation.nsd_tolerance_mm,
+        clicks=config.evaluation.clicks, click_rule=config.evaluation.click_rule,
     )
     for dataset in datasets:
         if not dataset.records_for("val"):
@@ -304,13 +306,17 @@ def _finish(tracker: StudyTracker, entry: TrialEntry, info: dict) -> None:
     if shown is None:  # no run yet (its driver was killed before it opened one)
         _open_run(tracker, entry.trial_id, entry.stage, entry.params, info)
     folder = TrialLedger(tracker.study_dir).folder(entry.trial_id)
-    artifacts = {name: folder / name for name in ("per_image.csv", "per_subject.csv", "history.csv")
+    artifacts = {name: folder / name for name in ("per_image.csv", "per_subject.csv", "history.csv", "per_click.csv")
                  if (folder / name).exists()}
     if (folder / "checkpoint" / BEST_DECODER_FILE).exists():
         artifacts[f"checkpoint/{BEST_DECODER_FILE}"] = folder / "checkpoint" / BEST_DECODER_FILE
-    tracker.finish_trial(entry.trial_id, RUN_STATUS[entry.status],
-                         {k: entry.summary[k] for k in FINAL_METRICS if entry.summary.get(k) is not None},
-                         artifacts=artifacts, reason=entry.reason, trial_status=str(entry.status))
+    final = {k: entry.summary[k] for k in FINAL_METRICS if entry.summary.get(k) is not None}
+    curve = entry.summary.get("test_dice_by_click")
+    if curve:  # corrective clicks: the mean test Dice per click (step = click) and its normalised AUC
+        tracker.log_curve(entry.trial_id, "test_dice_click", curve)
+        final["test_click_auc"] = click_auc(curve)
+    tracker.finish_trial(entry.trial_id, RUN_STATUS[entry.status], final, artifacts=artifacts, reason=entry.reason,
+                         trial_status=str(entry.status))
 
 
 def _open_run(tracker: StudyTracker, name: str, stage: str, params: dict, info: dict) -> None:

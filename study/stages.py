@@ -24,7 +24,7 @@ from foundation.files import atomic_path
 from foundation.prepared_store import open_prepared
 from search_spaces.space import SEED_PARAM, trial_id, zero_shot_id
 from study.ledger import TrialEntry, TrialLedger, TrialStatus
-from trainables.result_tables import PER_IMAGE_COLUMNS, PER_SUBJECT_COLUMNS
+from trainables.result_tables import PER_CLICK_COLUMNS, PER_IMAGE_COLUMNS, PER_SUBJECT_COLUMNS
 
 HISTORY_COLUMNS = ["trial_id", "epoch", "train_loss", "val_loss", "val_dice", "val_iou", "seconds"]
 
@@ -50,6 +50,8 @@ class StudyContext:
     select_mode: str = "max"
     single_point_multimask: bool = True
     nsd_tolerance: float = 2.0
+    clicks: int = 0
+    click_rule: str = "center"
 
     def trial_dir(self, name: str) -> Path:
         return Path(self.study_dir) / "results" / "trials" / name
@@ -101,7 +103,7 @@ def _spec(params: dict, context: StudyContext, name: str, stage: str):
                      prompt_settings=context.prompt_settings, prompts_file=context.prompts_file,
                      select_metric=context.select_metric, select_mode=context.select_mode,
                      single_point_multimask=context.single_point_multimask, nsd_tolerance=context.nsd_tolerance,
-                     image_encoder=False, device=_device(), **fields)
+                     clicks=context.clicks, click_rule=context.click_rule, image_encoder=False, device=_device(), **fields)
 
 
 def _save_predictions(folder: Path, predictions: dict) -> None:
@@ -118,6 +120,8 @@ def _save_outputs(folder: Path, result) -> None:
     _write_csv(folder / "per_image.csv", result.per_image, PER_IMAGE_COLUMNS)
     _write_csv(folder / "per_subject.csv", result.per_subject, PER_SUBJECT_COLUMNS)
     _write_csv(folder / "history.csv", [{"trial_id": result.trial_id, **h} for h in result.history], HISTORY_COLUMNS)
+    if result.per_click:
+        _write_csv(folder / "per_click.csv", result.per_click, PER_CLICK_COLUMNS)
     _save_predictions(folder.parent.parent / "predictions" / result.trial_id, result.predictions)
 
 
@@ -217,8 +221,9 @@ RESULT_COLUMNS = ["epochs_run", "val_dice", "test_dice", "test_iou", "test_miou"
 
 
 def collect_results(study_dir: Path, factor_names: list[str], model_info: dict) -> dict[str, int]:
-    """The ledger and the trials' tables as results/trials.csv, per_image.csv, per_subject.csv and
-    history.csv (each written atomically).
+    """The ledger and the trials' tables as results/trials.csv, per_image.csv, per_subject.csv,
+    history.csv and, when some trial was evaluated with corrective clicks, per_click.csv (each
+    written atomically).
 
     trials.csv has one row per ledger entry, whatever its state (a failed trial is a row with
     status ERROR and its reason); the other tables hold the rows of the trials that were tested.
@@ -227,7 +232,7 @@ def collect_results(study_dir: Path, factor_names: list[str], model_info: dict) 
     """
     results = study_dir / "results"
     ledger = TrialLedger(study_dir)
-    trials, per_image, per_subject, history = [], [], [], []
+    trials, per_image, per_subject, history, per_click = [], [], [], [], []
     for entry in ledger.entries():
         params, summary = entry.params, entry.summary
         info = model_info.get(params.get("backbone"), {})
@@ -240,7 +245,7 @@ def collect_results(study_dir: Path, factor_names: list[str], model_info: dict) 
         if entry.status in (TrialStatus.TERMINATED, TrialStatus.STOPPED_EARLY):
             folder = ledger.folder(entry.trial_id)
             for name, rows in (("per_image.csv", per_image), ("per_subject.csv", per_subject),
-                               ("history.csv", history)):
+                               ("history.csv", history), ("per_click.csv", per_click)):
                 if (folder / name).exists():
                     with (folder / name).open() as handle:
                         rows.extend(csv.DictReader(handle))
@@ -250,5 +255,7 @@ def collect_results(study_dir: Path, factor_names: list[str], model_info: dict) 
     _write_csv(results / "per_image.csv", per_image, PER_IMAGE_COLUMNS)
     _write_csv(results / "per_subject.csv", per_subject, PER_SUBJECT_COLUMNS)
     _write_csv(results / "history.csv", history, HISTORY_COLUMNS)
+    if per_click:
+        _write_csv(results / "per_click.csv", per_click, PER_CLICK_COLUMNS)
     return {"trials": len(trials), "per_image": len(per_image), "per_subject": len(per_subject),
-            "history": len(history)}
+            "history": len(history), "per_click": len(per_click)}

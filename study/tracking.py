@@ -58,7 +58,7 @@ import time
 import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -394,6 +394,14 @@ class StudyTracker:
         run_id = self._trial_run_id(trial_id)
         with self._store_errors(f"logging epoch {step} of trial {trial_id}"):
             self._log_metrics(run_id, metrics, int(step))
+
+    def log_curve(self, trial_id: str, name: str, values: Sequence[float]) -> None:
+        """Log `values[k]` as metric `name` at step k (e.g. Dice per corrective click, step = click);
+        steps the run already holds are skipped, as in log_epoch."""
+        run_id = self._trial_run_id(trial_id)
+        with self._store_errors(f"logging {name} of trial {trial_id}"):
+            for step, value in enumerate(values):
+                self._log_metrics(run_id, {name: value}, step)
 
     def finish_trial(self, trial_id: str, status: str, final_metrics: Mapping[str, float],
                      artifacts: Mapping[str, Path] | None = None, reason: str | None = None,

@@ -64,7 +64,7 @@ def test_seeds_and_evaluation_load_count_and_are_resolved(tmp_path):
     resolved = yaml.safe_load(write_resolved(config, tmp_path / "study").read_text())
     assert resolved["search"]["seeds"] == 3
     assert resolved["evaluation"] == {"single_point_multimask": False, "nsd_tolerance_mm": 1.5,
-                                      "hd95_penalty": "diagonal"}
+                                      "hd95_penalty": "diagonal", "clicks": 0, "click_rule": "center"}
     again = load_config(tmp_path / "study" / "resolved.yaml")
     assert again.search == config.search and again.evaluation == config.evaluation
     assert config_hash(again) == config_hash(config)
@@ -126,7 +126,10 @@ def test_ranges_need_a_searcher_and_are_kept(tmp_path):
     ("search: {seeds: 0}\n", [r"search.seeds = 0", r"greater than or equal to 1"]),
     ("evaluation: {nsd_tolerance_mm: 0}\n", [r"evaluation.nsd_tolerance_mm = 0", r"greater than 0"]),
     ("evaluation: {hd95_penalty: nan}\n", [r"evaluation.hd95_penalty = 'nan'", r"'diagonal'"]),
-    ("evaluation: {clicks: 3}\n", [r"unknown key 'evaluation.clicks'", r"single_point_multimask"]),
+    ("evaluation: {click: 3}\n", [r"unknown key 'evaluation.click'", r"Did you mean 'clicks'"]),
+    ("evaluation: {clicks: -1}\n", [r"evaluation.clicks = -1", r"greater than or equal to 0"]),
+    ("evaluation: {click_rule: centre}\n", [r"evaluation.click_rule = 'centre'", r"'center' or 'random'"]),
+    ("factors: {train_clicks: [0, -2]}\n", [r"factors.train_clicks", r">= 0, got -2"]),
     ("factors: [1, 2\n", [r"line 2", r"not valid YAML"]),
     ("- a\n- b\n", [r"mapping of sections"]),
     ("", [r"the study file is empty", r"examples/quickstart.yaml"]),

@@ -75,9 +75,10 @@ def trials_table(study_dir: Path) -> pd.DataFrame:
 def test_a_study_runs_on_two_nodes_and_leaves_every_trial_in_mlflow(cluster, shared, tmp_path, capsys):
     """search.seeds: 2 on the phantom (MSD Task01 layout) on two nodes: one trial per seed, the same
     evaluation prompts, per-subject rows over every target slice of each test subject's label volume,
-    one MLflow run per trial."""
+    one MLflow run per trial; trained with one corrective click per step and evaluated with two,
+    every test image's click curve in per_click.csv and MLflow."""
     grid = write_grid(tmp_path, shared, "e2e", baseline={"zero_shot": True}, search={"seeds": 2},
-                      factors={"optimizer": "adamw"})
+                      factors={"optimizer": "adamw", "train_clicks": 1}, evaluation={"clicks": 2})
     assert main([str(grid), "--address", cluster.address]) == 0
     out = capsys.readouterr().out
     study = tmp_path / "runs" / "e2e"
@@ -116,7 +117,21 @@ def test_a_study_runs_on_two_nodes_and_leaves_every_trial_in_mlflow(cluster, sha
         assert int(row["voxels"].iloc[0]) == int(volume.sum())
         assert 0 <= float(row["dice_3d"].iloc[0]) <= 1 and np.isfinite(row["hd95_3d_mm"].iloc[0])
 
+    per_click = pd.read_csv(study / "results" / "per_click.csv")
+    assert len(per_click) == 3 * len(per_image) and set(per_click["click"]) == {0, 1, 2}
+    first = per_click[per_click["click"] == 0].set_index(["trial_id", "image_id"])["dice"]
+    assert np.allclose(first.sort_index(), per_image.set_index(["trial_id", "image_id"])["dice"].sort_index())
+    for _, rows in per_click.groupby(["trial_id", "image_id"]):  # a click was added, or the mask was perfect
+        for _, row in rows[rows["click"] > 0].iterrows():
+            assert pd.notna(row["click_x"]) or rows.loc[rows["click"] == row["click"] - 1, "dice"].item() == 1.0
+    assert "## 6. Corrective clicks" in (study / "report" / "report.md").read_text()
+
     client, runs = mlflow_runs(study)
+    for run in runs:
+        if run.data.tags.get("sam_study.role") == "trial":
+            curve = client.get_metric_history(run.info.run_id, "test_dice_click")
+            assert [m.step for m in sorted(curve, key=lambda m: m.step)] == [0, 1, 2]
+            assert 0 <= run.data.metrics["test_click_auc"] <= 1
     seeds = sorted(run.data.params["seed"] for run in runs if run.data.tags.get("sam_study.stage") == "finetune")
     assert seeds == ["0", "1"]
     roles = [run.data.tags.get("sam_study.role") for run in runs]

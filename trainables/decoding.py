@@ -54,7 +54,8 @@ def rows_for(prompts: list[Prompt], sizes: list[tuple[int, int]], backbone: Back
 
 
 def decode_rows(backbone: Backbone, features: dict[str, torch.Tensor], rows: DecoderRows, n_images: int, masks: str,
-            device, single_point: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                device, single_point: str | None = None,
+                mask_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-resolution logits (N,K,h,w) and predicted IoU (N,K) per image, from its rows.
 
     `masks`: "single" (token 0), "best_iou" (three masks, the highest predicted IoU kept) or
@@ -67,6 +68,9 @@ def decode_rows(backbone: Backbone, features: dict[str, torch.Tensor], rows: Dec
     number of points), each group one batched decoder call; a row without any prompt gets one
     padding point (label -1), SAM's encoding of "no point". An image with several rows gets the
     element-wise maximum of their logits (the union of their masks) and their best predicted IoU.
+
+    `mask_input` (N,1,h,w), when given, is each image's earlier low-resolution logits, fed back as
+    the dense prompt of every row of that image (corrective clicks: the mask the user sees).
     """
     groups: dict[tuple[bool, int], list[int]] = defaultdict(list)
     for r in range(len(rows.image_index)):
@@ -79,11 +83,11 @@ def decode_rows(backbone: Backbone, features: dict[str, torch.Tensor], rows: Dec
     for (has_box, n_points), members in groups.items():
         mode = modes[(has_box, n_points)]
         index = [rows.image_index[r] for r in members]
-        if index == list(range(n_images)):
-            feats = features
-        else:
+        feats, dense = features, mask_input
+        if index != list(range(n_images)):
             index_tensor = torch.tensor(index, device=device)
             feats = {name: value.index_select(0, index_tensor) for name, value in features.items()}
+            dense = None if mask_input is None else mask_input.index_select(0, index_tensor)
         points = labels = boxes = None
         width = n_points if n_points or has_box else 1  # a row with no prompt: one padding point
         if width:
@@ -96,7 +100,8 @@ def decode_rows(backbone: Backbone, features: dict[str, torch.Tensor], rows: Dec
             points, labels = torch.from_numpy(points_np).to(device), torch.from_numpy(labels_np).to(device)
         if has_box:
             boxes = torch.from_numpy(np.stack([rows.boxes[r] for r in members])).to(device)
-        logits, iou_pred = backbone.decode(feats, points, labels, boxes, multimask=mode != "single")
+        logits, iou_pred = backbone.decode(feats, points, labels, boxes, multimask=mode != "single",
+                                           mask_input=dense)
         if mode == "best_iou":
             best = iou_pred.argmax(dim=1)
             logits = logits[torch.arange(len(members), device=device), best].unsqueeze(1)
@@ -122,8 +127,14 @@ def lowest_loss(loss_fn, logits: torch.Tensor, target: torch.Tensor) -> torch.Te
     loss (every registered loss is a mean over images of per-image terms). With K = 1 this is
     `loss_fn(logits, target)`.
     """
+    return lowest_loss_and_mask(loss_fn, logits, target)[0]
+
+
+def lowest_loss_and_mask(loss_fn, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lowest_loss`, and per image the index (N,) of the mask it took (all 0 with K = 1)."""
     if logits.shape[1] == 1:
-        return loss_fn(logits, target)
+        return loss_fn(logits, target), torch.zeros(len(logits), dtype=torch.long, device=logits.device)
     per_mask = torch.stack([torch.stack([loss_fn(logits[n:n + 1, k:k + 1], target[n:n + 1])
                                          for k in range(logits.shape[1])]) for n in range(logits.shape[0])])
-    return per_mask.min(dim=1).values.mean()
+    lowest = per_mask.min(dim=1)
+    return lowest.values.mean(), lowest.indices

@@ -4,7 +4,9 @@
 records with every evaluation prompt of its spec. Metrics are computed at the mask's original
 resolution (`trainables.metrics`); per subject, 3D metrics over its stacked slices
 (`subject_rows`). The summary's test numbers are means over the test images with the primary
-evaluation prompt (the first of `eval_prompts`, else the training prompt).
+evaluation prompt (the first of `eval_prompts`, else the training prompt). With `spec.clicks`,
+every test image also gets its corrective-click curve (`DecoderFineTune.click_curve`), and the
+summary its mean over the images per click (`test_dice_by_click`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ KEPT_PREDICTIONS = 4  # best and worst test images whose predictions a trial ret
 class HeldOutScores:
     per_image: list[dict]
     per_subject: list[dict]
-    summary: dict  # test_dice, test_iou, test_miou, test_hd95, test_nsd, test_hd95_penalised, test_images, test_subjects
+    summary: dict  # test_dice, test_iou, test_miou, test_hd95, test_nsd, test_hd95_penalised, test_images,
+    # test_subjects, and with clicks test_dice_by_click (mean Dice per click 0..N, primary prompt)
     #: image_id -> (image, truth, prediction) for the best and worst test images with the primary
     #: evaluation prompt (`KEPT_PREDICTIONS` of each), for overlays in the report.
     predictions: dict
+    per_click: list[dict]  # one row per test image, prompt and click 0..spec.clicks; empty without clicks
 
 
 def evaluate_on_test(fine_tune: DecoderFineTune, test: list[SliceRecord]) -> HeldOutScores:
@@ -38,11 +42,14 @@ def evaluate_on_test(fine_tune: DecoderFineTune, test: list[SliceRecord]) -> Hel
     seed = spec.train_seed if spec.stage == "finetune" else None
     per_image: list[dict] = []
     per_subject: list[dict] = []
+    per_click: list[dict] = []
     kept: dict = {}
     for prompt_name in (spec.eval_prompts or (spec.prompt,)):
         predicted: dict = {}
-        rows, _ = fine_tune.evaluate(test, prompt_name, keep=predicted)
+        curves: list[dict] | None = [] if spec.clicks else None
+        rows, _ = fine_tune.evaluate(test, prompt_name, keep=predicted, click_rows=curves)
         per_image += [{"trial_id": spec.trial_id, "stage": spec.stage, "seed": seed, **row} for row in rows]
+        per_click += [{"trial_id": spec.trial_id, "stage": spec.stage, "seed": seed, **row} for row in curves or ()]
         per_subject += [{"trial_id": spec.trial_id, "stage": spec.stage, "seed": seed, "prompt": prompt_name, **row}
                         for row in subject_rows(test, predicted, fine_tune.mask, spec.nsd_tolerance)]
         if prompt_name == eval_prompt:
@@ -59,7 +66,10 @@ def evaluate_on_test(fine_tune: DecoderFineTune, test: list[SliceRecord]) -> Hel
         "test_hd95_penalised": sum(r["hd95_penalised"] for r in primary),
         "test_images": len(primary), "test_subjects": len({r["subject"] for r in primary}),
     }
-    return HeldOutScores(per_image, per_subject, summary, predictions)
+    if per_click:
+        summary["test_dice_by_click"] = [mean_metric([r for r in per_click if r["prompt"] == eval_prompt
+                                                      and r["click"] == k], "dice") for k in range(spec.clicks + 1)]
+    return HeldOutScores(per_image, per_subject, summary, predictions, per_click)
 
 
 def subject_rows(records: list[SliceRecord], predicted: dict[str, np.ndarray], truth_of,

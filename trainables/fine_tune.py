@@ -37,6 +37,15 @@ Conventions, each a decision a reviewer should know:
   a prompt of exactly one point and no box always takes the three-mask path, in training and
   evaluation, as the official `SamPredictor` users and micro-sam do; the masks evaluated are
   then the ones that were trained.
+- Corrective clicks (`evaluation.clicks`, `DecoderFineTune.click_curve`): after the test
+  prediction from the prompt, each round adds one click where the prediction is wrong
+  (`trainables.clicks`, computed at the original resolution and mapped into the backbone's frame
+  like every prompt) to all earlier ones and decodes again with the previous low-resolution
+  logits as the mask input; each round is one more decoder pass over the cached features. After
+  the first click a prompt has two points or a box and a point, so the single-point three-mask
+  rule no longer applies (as in SamPredictor's interactive use). With `box_per_component` the
+  clicks and the image's previous mask (the union) go to every box's row. Training with
+  `train_clicks` is `DecoderFineTune.training_loss`.
 - Zero-shot evaluation decodes with the official predictor's inference settings
   (`Backbone.use_official_inference`: SAM 2's dynamic multimask via stability); a fine-tuned
   decoder is evaluated as it was trained.
@@ -62,7 +71,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -70,7 +79,8 @@ import torch
 from foundation.embedding_cache import EmbeddingCache
 from foundation.prepared_store import PreparedDataset, SliceRecord
 from trainables.backbones import Backbone
-from trainables.decoding import decode_rows, lowest_loss, rows_for, seeded_rng
+from trainables.clicks import Click, corrective_click
+from trainables.decoding import decode_rows, lowest_loss_and_mask, rows_for, seeded_rng
 from trainables.losses import build_loss, iou_head_loss
 from trainables.metrics import dice, image_metrics, iou
 from trainables.optimizers import build_optimizer, build_schedule
@@ -108,10 +118,13 @@ class TrialSpec:
     multimask: str = "single"
     train_prompt_encoder: bool = False
     iou_loss_weight: float = 1.0  # the IoU head that ranks three masks is trained (SAM: weight 1)
+    train_clicks: int = 0  # corrective-click sub-iterations per training step (random rule)
     seed: int = 0  # the study seed: evaluation prompts
     train_seed: int = 0  # the replicate seed (search.seeds): training randomness
     single_point_multimask: bool = True  # evaluation.single_point_multimask
     nsd_tolerance: float = 2.0  # evaluation.nsd_tolerance_mm (pixels for images without spacing)
+    clicks: int = 0  # evaluation.clicks: corrective clicks after the initial prompt, on the test images
+    click_rule: str = "center"  # evaluation.click_rule
     prompt_settings: dict = field(default_factory=dict)
     prompts_file: str | None = None
     select_metric: str = "val_dice"
@@ -171,6 +184,15 @@ class EncoderInTheLoop:
 def mean_metric(rows: list[dict], key: str) -> float:
     values = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
     return float(np.mean(values)) if values else float("nan")
+
+
+class Decoded(NamedTuple):
+    """One decoder pass over a batch."""
+
+    logits: torch.Tensor  # (N, K, H, W) at the original resolution, what metrics and the loss see
+    iou: torch.Tensor  # (N, K) predicted IoU
+    target: torch.Tensor  # (N, 1, H, W) the ground truth
+    low: torch.Tensor  # (N, K, h, w) the decoder's low-resolution logits (a later mask input)
 
 
 # --- one fine-tune --------------------------------------------------------------------------------
@@ -256,23 +278,29 @@ class DecoderFineTune:
         originals = [views[0] for views in self.views.values()]
         return max(math.ceil(len(self.batches(originals, None)) / self.spec.grad_accum), 1)
 
-    def forward(self, batch: list[SliceRecord], prompt_name: str, epoch: int | None):
-        """Logits at the original resolution (N,K,H,W), predicted IoU (N,K) and targets (N,1,H,W).
+    def forward(self, batch: list[SliceRecord], prompt_name: str, epoch: int | None, *,
+                prompts: list[Prompt] | None = None, features: dict[str, torch.Tensor] | None = None,
+                mask_input: torch.Tensor | None = None) -> "Decoded":
+        """The decoder's output for `batch` with its `prompt_name` prompts (see `Decoded`).
 
         Training (an epoch given) keeps every mask of the three-mask path (K = 3 where it is
         taken); evaluation keeps one (K = 1), see the module docstring's "Masks per prompt".
+        `prompts` and `features`, when given, replace the batch's own (a corrective click adds to
+        the prompts; the features are read once per batch); `mask_input` (N,1,h,w) is fed back.
         """
         spec, device = self.spec, self.spec.device
-        features = self.embeddings.batch(batch, device)
+        features = self.embeddings.batch(batch, device) if features is None else features
         hw = (batch[0].height, batch[0].width)
-        rows = rows_for(self.prompts(batch, prompt_name, epoch), [hw] * len(batch), self.backbone)
+        prompts = self.prompts(batch, prompt_name, epoch) if prompts is None else prompts
+        rows = rows_for(prompts, [hw] * len(batch), self.backbone)
         three = "all" if epoch is not None else "best_iou"
         masks = three if spec.multimask == "best_iou" else "single"
         low, iou_pred = decode_rows(self.backbone, features, rows, len(batch), masks, device,
-                                single_point=three if spec.single_point_multimask else None)
+                                    single_point=three if spec.single_point_multimask else None,
+                                    mask_input=mask_input)
         logits = self.backbone.postprocess(low, hw)
         target = torch.from_numpy(np.stack([self.mask(r) for r in batch])).to(device, torch.float32)[:, None]
-        return logits, iou_pred, target
+        return Decoded(logits, iou_pred, target, low)
 
     # --- training
 
@@ -285,6 +313,7 @@ class DecoderFineTune:
             picks = [0] * len(picks)
         chosen = [views[pick] for views, pick in zip(self.views.values(), picks)]
         batches = self.batches(chosen, rng)
+        click_rng = seeded_rng(spec.seed, "train", spec.train_seed, "epoch", epoch, "clicks")
         self.backbone.model.train()
         total, seen = torch.zeros((), device=spec.device), 0
         self.optimizer.zero_grad(set_to_none=True)
@@ -292,12 +321,7 @@ class DecoderFineTune:
             group = batches[start:start + spec.grad_accum]
             group_loss = torch.zeros((), device=spec.device)
             for batch in group:
-                logits, iou_pred, target = self.forward(batch, spec.prompt, epoch)
-                loss = lowest_loss(self.loss_fn, logits, target)
-                if spec.iou_loss_weight:  # the IoU head regressed on every mask
-                    loss = loss + spec.iou_loss_weight * sum(
-                        iou_head_loss(iou_pred[:, k], logits[:, k:k + 1], target)
-                        for k in range(logits.shape[1])) / logits.shape[1]
+                loss = self.training_loss(batch, epoch, click_rng)
                 (loss / len(group)).backward()
                 group_loss += loss.detach() * len(batch)
             if not torch.isfinite(group_loss):  # the one host sync per optimizer step
@@ -316,23 +340,65 @@ class DecoderFineTune:
         self.backbone.model.eval()
         return total.item() / max(seen, 1)
 
+    def step_loss(self, out: "Decoded") -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss of one decoder pass (the lowest-loss mask per image, plus the IoU head
+        regressed on every mask), and per image the index of the mask it took."""
+        loss, picks = lowest_loss_and_mask(self.loss_fn, out.logits, out.target)
+        if self.spec.iou_loss_weight:
+            loss = loss + self.spec.iou_loss_weight * sum(
+                iou_head_loss(out.iou[:, k], out.logits[:, k:k + 1], out.target)
+                for k in range(out.logits.shape[1])) / out.logits.shape[1]
+        return loss, picks
+
+    def training_loss(self, batch: list[SliceRecord], epoch: int, click_rng: np.random.Generator) -> torch.Tensor:
+        """One batch's training loss: the initial prompt's pass, then `train_clicks` click passes.
+
+        Each click pass adds, per image, a corrective click drawn by the random rule from the
+        error region of the mask the previous pass trained (`trainables.clicks`), to all the
+        earlier prompts and clicks, and feeds that mask's low-resolution logits back as the mask
+        input (detached, as micro-sam's trainer does: no gradient flows between passes); an image
+        already segmented perfectly gets no click and is decoded again with its mask input. The
+        loss is the mean over the 1 + train_clicks passes.
+        """
+        spec = self.spec
+        features = self.embeddings.batch(batch, spec.device)
+        prompts = self.prompts(batch, spec.prompt, epoch)
+        out = self.forward(batch, spec.prompt, epoch, prompts=prompts, features=features)
+        total, picks = self.step_loss(out)
+        for _ in range(spec.train_clicks):
+            images = torch.arange(len(batch), device=out.logits.device)
+            predictions = (out.logits[images, picks] > 0).cpu().numpy()
+            for i, record in enumerate(batch):
+                click = corrective_click(predictions[i], self.mask(record), "random", click_rng)
+                if click is not None:
+                    prompts[i] = prompts[i].with_point(click.x, click.y, click.label)
+            previous = out.low[images, picks].unsqueeze(1).detach()
+            out = self.forward(batch, spec.prompt, epoch, prompts=prompts, features=features, mask_input=previous)
+            loss, picks = self.step_loss(out)
+            total = total + loss
+        return total / (spec.train_clicks + 1)
+
     # --- evaluation
 
     def evaluate(self, records: list[SliceRecord], prompt_name: str, *, full: bool = True,
-                 keep: dict | None = None) -> tuple[list[dict], float]:
+                 keep: dict | None = None, click_rows: list | None = None) -> tuple[list[dict], float]:
         """Per-image metrics at the original resolution, and the mean loss, with the current decoder.
 
         `full`: every metric of `trainables.metrics.image_metrics` (the test table); otherwise
         Dice and IoU only (the per-epoch validation, which needs no surface distances).
-        `keep`, when given, receives image_id -> predicted mask for every image.
+        `keep`, when given, receives image_id -> predicted mask for every image. `click_rows`,
+        when given, receives the corrective-click curve of every image (`click_curve`, with
+        `spec.clicks` clicks after the prompt; its click 0 is the prediction scored here).
         """
         rows, loss_sum = [], torch.zeros((), device=self.spec.device)
         self.backbone.model.eval()
         with torch.no_grad():
             for batch in self.batches(records, None, max(self.spec.batch_size, EVAL_BATCH_SIZE)):
-                logits, _, target = self.forward(batch, prompt_name, None)
-                loss_sum += self.loss_fn(logits, target) * len(batch)
-                predictions = (logits[:, 0] > 0).cpu().numpy()
+                features = self.embeddings.batch(batch, self.spec.device)
+                prompts = self.prompts(batch, prompt_name, None)
+                out = self.forward(batch, prompt_name, None, prompts=prompts, features=features)
+                loss_sum += self.loss_fn(out.logits, out.target) * len(batch)
+                predictions = (out.logits[:, 0] > 0).cpu().numpy()
                 for record, pred in zip(batch, predictions):
                     truth = self.mask(record)
                     if keep is not None:
@@ -345,7 +411,55 @@ class DecoderFineTune:
                         scores = {"dice": dice(pred, truth), "iou": iou(pred, truth)}
                     rows.append({"image_id": record.image_id, "subject": record.subject, "slice": record.slice_index,
                                  "area": record.area, "prompt": prompt_name, **scores})
+                if click_rows is not None:
+                    click_rows += self.click_curve(batch, prompt_name, prompts, features, out.low[:, :1],
+                                                   list(predictions))
         return rows, (loss_sum.item() / len(records) if records else float("nan"))
+
+    def click_curve(self, batch: list[SliceRecord], prompt_name: str, prompts: list[Prompt],
+                    features: dict[str, torch.Tensor], low: torch.Tensor, predictions: list[np.ndarray]) -> list[dict]:
+        """Corrective-click evaluation of `batch`: per image one row per click 0..spec.clicks.
+
+        Click 0 is `predictions` (from `prompts`, with low-resolution logits `low`). Each round
+        adds one click (`trainables.clicks.corrective_click` with `spec.click_rule`; the random
+        rule seeded by study seed, image, view, prompt and round, so every trial sees the same
+        draws for the same errors) to all earlier ones, in original pixels, and decodes again with
+        the previous low-resolution logits as the mask input. An image whose prediction is perfect
+        gets no more clicks: its later rows repeat its last prediction (the curve stays flat).
+        Rows: image_id, subject, prompt, click, dice, iou, and the click added at that round
+        (click_x, click_y, click_label; empty at click 0 and after the interaction ended).
+        """
+        spec = self.spec
+        truths = [self.mask(r) for r in batch]
+        prompts, low = list(prompts), low.clone()
+
+        def row(i: int, k: int, click: Click | None) -> dict:
+            record = batch[i]
+            return {"image_id": record.image_id, "subject": record.subject, "prompt": prompt_name, "click": k,
+                    "dice": dice(predictions[i], truths[i]), "iou": iou(predictions[i], truths[i]),
+                    "click_x": None if click is None else click.x, "click_y": None if click is None else click.y,
+                    "click_label": None if click is None else click.label}
+
+        rows = [row(i, 0, None) for i in range(len(batch))]
+        for k in range(1, spec.clicks + 1):
+            added: list[Click | None] = []
+            for i, record in enumerate(batch):
+                rng = seeded_rng(spec.seed, record.image_id, record.view, prompt_name, "click", k)
+                click = corrective_click(predictions[i], truths[i], spec.click_rule, rng)
+                if click is not None:
+                    prompts[i] = prompts[i].with_point(click.x, click.y, click.label)
+                added.append(click)
+            active = [i for i, click in enumerate(added) if click is not None]
+            if active:
+                index = torch.tensor(active, device=low.device)
+                out = self.forward([batch[i] for i in active], prompt_name, None, prompts=[prompts[i] for i in active],
+                                   features={name: value.index_select(0, index) for name, value in features.items()},
+                                   mask_input=low.index_select(0, index))
+                low[index] = out.low[:, :1]
+                for i, pred in zip(active, (out.logits[:, 0] > 0).cpu().numpy()):
+                    predictions[i] = pred
+            rows += [row(i, k, added[i]) for i in range(len(batch))]
+        return rows
 
     # --- checkpoints
 

@@ -67,6 +67,12 @@ class Prompt:
         no_boxes = self.boxes is None or len(self.boxes) == 0
         return no_points and no_boxes
 
+    def with_point(self, x: float, y: float, label: int) -> "Prompt":
+        """This prompt with one more point (a corrective click) after its others; boxes kept."""
+        points = np.zeros((0, 2), np.float32) if self.points is None else self.points
+        labels = np.zeros((0,), np.int32) if self.point_labels is None else self.point_labels
+        return Prompt(np.concatenate([points, [[x, y]]]), np.concatenate([labels, [label]]), self.boxes)
+
     def as_record(self) -> dict:
         """Plain lists, for recording the prompt with the run (JSON-serialisable)."""
         return {

@@ -54,6 +54,8 @@ class TrialResult:
     #: image_id -> (image, truth, prediction) for the best and worst test images with the primary
     #: evaluation prompt, for overlays in the report (`trainables.evaluation.KEPT_PREDICTIONS`).
     predictions: dict = field(default_factory=dict)
+    #: One row per test image, evaluation prompt and click 0..spec.clicks (empty without clicks).
+    per_click: list[dict] = field(default_factory=list)
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -199,5 +201,5 @@ def run_trial(spec: TrialSpec, dataset: PreparedDataset, cache_root: Path, *, ch
         "cache": {**asdict(cache.counts), "from_memory": from_memory},
     }
     return TrialResult(spec.trial_id, spec.stage, history, scores.per_image, summary, per_subject=scores.per_subject,
-                       predictions=scores.predictions)
+                       predictions=scores.predictions, per_click=scores.per_click)
 

@@ -305,7 +305,8 @@ def reference_bootstrap(values, seed: int = 0, resamples: int = 2000, confidence
 
 def log_to_mlflow(study_dir, tracking_uri, artifacts, experiment: str = "fixture-study"):
     """Log a fixture study the way the study runner does: one parent run, one nested run per trial
-    (params incl. the replicate `seed`, metrics, per_image.csv and, when present, per_subject.csv)."""
+    (params incl. the replicate `seed`, metrics, per_image.csv and, when present, per_subject.csv and
+    per_click.csv)."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -317,6 +318,8 @@ def log_to_mlflow(study_dir, tracking_uri, artifacts, experiment: str = "fixture
     history = pd.read_csv(study_dir / "results" / "history.csv")
     per_subject_path = study_dir / "results" / "per_subject.csv"
     per_subject = pd.read_csv(per_subject_path) if per_subject_path.is_file() else None
+    per_click_path = study_dir / "results" / "per_click.csv"
+    per_click = pd.read_csv(per_click_path) if per_click_path.is_file() else None
     scratch = artifacts.parent / "scratch"
     for _, trial in trials.iterrows():
         run = client.create_run(experiment_id, tags={
@@ -344,6 +347,9 @@ def log_to_mlflow(study_dir, tracking_uri, artifacts, experiment: str = "fixture
             if per_subject is not None:
                 per_subject[per_subject["trial_id"] == trial["trial_id"]].to_csv(folder / "per_subject.csv", index=False)
                 client.log_artifact(run_id, str(folder / "per_subject.csv"))
+            if per_click is not None:
+                per_click[per_click["trial_id"] == trial["trial_id"]].to_csv(folder / "per_click.csv", index=False)
+                client.log_artifact(run_id, str(folder / "per_click.csv"))
         client.set_terminated(run_id)
     return client, experiment_id, parent.info.run_id
 

@@ -111,3 +111,119 @@ def test_clicks_with_mask_feedback_equal_segment_anythings_predictor_step_by_ste
         points = np.concatenate([points, [[click.x, click.y]]]).astype(np.float32)
         labels = np.concatenate([labels, [click.label]])
     assert rounds >= 3  # the random model never gets it right: every round added a click
+
+
+# --- the click loop of a trial ---------------------------------------------------------------------
+
+
+def _sam_fine_tune(phantom_dataset, **overrides):
+    """A random-weight SAM ViT-B at a 64-pixel input on the fixture, its features from the encoder
+    (rounded to float16 as cache entries are)."""
+    from trainables.fine_tune import DecoderFineTune, EncoderInTheLoop, TrialSpec
+
+    _, dataset = phantom_dataset
+    torch.manual_seed(0)
+    backbone = build_backbone("sam_b", RANDOM_WEIGHTS, input_size=64)
+    values = dict(trial_id="clicks", backbone="sam_b", weights=RANDOM_WEIGHTS, input_size=64, stage="zero_shot",
+                  prompt="box", clicks=3, epochs=0)
+    spec = TrialSpec(**{**values, **overrides})
+    source = EncoderInTheLoop(backbone, dataset)
+    return DecoderFineTune(spec, dataset, backbone, source, epochs=spec.epochs), source
+
+
+def test_the_trials_click_loop_equals_sam_predictor_with_mask_input_step_by_step(phantom_dataset):
+    """`evaluate` with click rows (box, then 3 centre-rule clicks, each with the previous logits as
+    mask input) gives the same clicks and Dice per step as driving SamPredictor.predict with the
+    accumulated points and its own previous low-resolution logits, image by image."""
+    from segment_anything import SamPredictor
+
+    fine_tune, source = _sam_fine_tune(phantom_dataset)
+    _, dataset = phantom_dataset
+    records = dataset.records_for("test")[:3]
+    curve: list[dict] = []
+    rows, _ = fine_tune.evaluate(records, "box", click_rows=curve)
+    assert len(curve) == len(records) * 4 and [r["click"] for r in curve[::len(records)]] == [0, 1, 2, 3]
+    assert [r["dice"] for r in curve[:len(records)]] == [r["dice"] for r in rows]  # click 0 is the scored prediction
+
+    predictor = SamPredictor(fine_tune.backbone.model)
+    for index, record in enumerate(records):
+        image, truth = dataset.load(record)
+        predictor.set_image(image)
+        predictor.features = source.batch([record], "cpu")["image_embed"]  # the trial's (float16-rounded) features
+        box = fine_tune.prompts([record], "box", None)[0].boxes[0]
+        ours = [r for r in curve if r["image_id"] == record.image_id]
+        points, labels, low = np.zeros((0, 2)), np.zeros((0,), int), None
+        for step in range(4):
+            kwargs = dict(point_coords=points, point_labels=labels) if len(points) else {}
+            masks, _, low = predictor.predict(box=box, mask_input=low, multimask_output=False, return_logits=True,
+                                              **kwargs)
+            theirs = masks[0] > 0
+            assert ours[step]["dice"] == pytest.approx(2 * (theirs & truth).sum() / (theirs.sum() + truth.sum()), abs=2e-3)
+            if step == 3:
+                break
+            click = corrective_click(theirs, truth)
+            assert click is not None  # a random-weight model never gets the tumour right
+            assert (ours[step + 1]["click_x"], ours[step + 1]["click_y"], ours[step + 1]["click_label"]) == (
+                click.x, click.y, click.label)
+            points = np.concatenate([points, [[click.x, click.y]]])
+            labels = np.concatenate([labels, [click.label]])
+
+
+def test_a_perfect_prediction_gets_no_click_and_a_flat_curve(phantom_dataset, monkeypatch):
+    fine_tune, source = _sam_fine_tune(phantom_dataset)
+    _, dataset = phantom_dataset
+    records = dataset.records_for("test")[:2]
+    truths = [fine_tune.mask(r) for r in records]
+    monkeypatch.setattr(fine_tune, "forward", lambda *a, **k: pytest.fail("no image needs another decoder pass"))
+    rows = fine_tune.click_curve(records, "box", fine_tune.prompts(records, "box", None), source.batch(records, "cpu"),
+                                 torch.zeros(2, 1, 16, 16), [t.astype(bool) for t in truths])
+    assert [(r["click"], r["dice"], r["click_x"], r["click_label"]) for r in rows if r["image_id"] == records[0].image_id] \
+        == [(k, 1.0, None, None) for k in range(4)]
+
+
+def test_click_training_adds_one_click_per_pass_and_feeds_the_trained_mask_back(phantom_dataset, monkeypatch):
+    """train_clicks: 2 runs 3 decoder passes per batch; each later pass has one more point per image
+    (inside that image's error region of the pass before) and, as mask input, the previous pass's
+    low-resolution logits of the mask it trained, detached; the loss is the mean of the passes."""
+    fine_tune, _ = _sam_fine_tune(phantom_dataset, stage="finetune", epochs=1, train_clicks=2, clicks=0,
+                                  prompt="center_point")
+    _, dataset = phantom_dataset
+    batch = dataset.records_for("train")[:3]
+    passes = []
+    real_forward = fine_tune.forward
+
+    def forward(records, name, epoch, **kwargs):
+        out = real_forward(records, name, epoch, **kwargs)
+        passes.append({"prompts": list(kwargs["prompts"]), "mask_input": kwargs.get("mask_input"), "out": out,
+                       "loss": fine_tune.step_loss(out)})
+        return out
+
+    monkeypatch.setattr(fine_tune, "forward", forward)
+    loss = fine_tune.training_loss(batch, 1, np.random.default_rng(0))
+    assert len(passes) == 3
+    assert passes[0]["mask_input"] is None
+    torch.testing.assert_close(loss, sum(p["loss"][0] for p in passes) / 3)
+    for before, after in zip(passes, passes[1:]):
+        picks = before["loss"][1]
+        expected = before["out"].low[torch.arange(len(batch)), picks].unsqueeze(1)
+        assert not after["mask_input"].requires_grad
+        torch.testing.assert_close(after["mask_input"], expected.detach())
+        for i, record in enumerate(batch):
+            old, new = before["prompts"][i], after["prompts"][i]
+            assert len(new.points) == len(old.points) + 1 and np.array_equal(new.points[:-1], old.points)
+            x, y = new.points[-1].astype(int)
+            predicted = (before["out"].logits[i, picks[i]] > 0).numpy()
+            truth = fine_tune.mask(record).astype(bool)
+            assert predicted[y, x] != truth[y, x] and new.point_labels[-1] == int(truth[y, x])
+
+
+def test_without_train_clicks_the_training_loss_is_one_pass(phantom_dataset, monkeypatch):
+    fine_tune, _ = _sam_fine_tune(phantom_dataset, stage="finetune", epochs=1, train_clicks=0, clicks=0)
+    _, dataset = phantom_dataset
+    batch = dataset.records_for("train")[:2]
+    calls = []
+    real_forward = fine_tune.forward
+    monkeypatch.setattr(fine_tune, "forward", lambda *a, **k: calls.append(k) or real_forward(*a, **k))
+    loss = fine_tune.training_loss(batch, 1, np.random.default_rng(0))
+    assert len(calls) == 1
+    torch.testing.assert_close(loss, fine_tune.step_loss(real_forward(batch, "box", 1))[0])

@@ -266,7 +266,7 @@ def test_fine_tune_pieces_logits_are_at_the_original_resolution(phantom_dataset)
     backbone = build_backbone("sam_b", "random", input_size=SMALL)
     records = dataset.records_for("val")[:3]
     fine_tune = DecoderFineTune(spec, dataset, backbone, EncoderInTheLoop(backbone, dataset), epochs=0)
-    logits, iou_pred, target = fine_tune.forward(records, "box", None)
+    logits, iou_pred, target, _ = fine_tune.forward(records, "box", None)
     assert logits.shape == target.shape == (3, 1, records[0].height, records[0].width)
     assert iou_pred.shape == (3, 1)
     assert torch.equal(target[:, 0].bool(), torch.from_numpy(np.stack([dataset.load(r)[1] for r in records])))

@@ -143,9 +143,9 @@ def test_best_iou_training_takes_three_masks_and_regresses_the_iou_head_on_all(p
     original = fine_tune_module.iou_head_loss
     monkeypatch.setattr(fine_tune_module, "iou_head_loss", lambda p, l, t: seen.append(l.shape[1]) or original(p, l, t))
     batch = dataset.records_for("train")[:2]
-    logits, iou, _ = fine_tune.forward(batch, "box", epoch=1)
+    logits, iou, _, _ = fine_tune.forward(batch, "box", epoch=1)
     assert logits.shape[1] == 3 and iou.shape == (2, 3)
-    eval_logits, eval_iou, _ = fine_tune.forward(batch, "box", epoch=None)
+    eval_logits, eval_iou, _, _ = fine_tune.forward(batch, "box", epoch=None)
     assert eval_logits.shape[1] == 1
     torch.testing.assert_close(eval_iou[:, 0], iou.max(dim=1).values)  # evaluation keeps the best-ranked mask
     fine_tune.train_epoch(1)
@@ -184,7 +184,7 @@ def test_file_prompts_train_on_original_views_only(phantom_dataset, tmp_path):
         fine_tune = _fine_tune(spec, phantom_dataset)
         used = []
         real_forward = fine_tune.forward
-        fine_tune.forward = lambda batch, p, e, _used=used: _used.extend(r.view for r in batch) or real_forward(batch, p, e)
+        fine_tune.forward = lambda batch, p, e, _used=used, **kw: _used.extend(r.view for r in batch) or real_forward(batch, p, e, **kw)
         for epoch in (1, 2, 3):
             fine_tune.train_epoch(epoch)
         views[prompt] = set(used)
