@@ -29,6 +29,7 @@ import yaml
 from tqdm import tqdm
 
 from analysis.clicks import click_auc
+from analysis.results import format_level
 from foundation.embedding_cache import EmbeddingCache
 from foundation.errors import UserError
 from foundation.files import write_atomic
@@ -209,7 +210,8 @@ def _run_locked(config: StudyConfig, plan_text: str, weights: dict, *, fresh: bo
 
 def _open_tracking(config: StudyConfig, study_dir: Path, plan_text: str, fresh: bool) -> StudyTracker:
     """The study's MLflow tracker with its parent run open (a tracker that fails there is closed FAILED)."""
-    tracker = StudyTracker(config.tracking.uri, config.experiment_name, study_dir)
+    varying = [name for name, levels in study_axes(config).items() if len(levels) > 1]
+    tracker = StudyTracker(config.tracking.uri, config.experiment_name, study_dir, name_factors=varying)
     with ExitStack() as failing:
         failing.enter_context(tracker)  # closes it FAILED if start_parent raises
         tracker.start_parent(config.study.name, config_hash(config), study_dir / "resolved.yaml", plan_text,
@@ -321,7 +323,7 @@ def _finish(tracker: StudyTracker, entry: TrialEntry, info: dict) -> None:
 
 def _open_run(tracker: StudyTracker, name: str, stage: str, params: dict, info: dict) -> None:
     """The trial's MLflow run, created or reopened (RUNNING), with its params and configuration name."""
-    tracker.trial_run(name, stage, _trial_params(params, info[params["backbone"]]), run_name=run_name(params, stage))
+    tracker.trial_run(name, stage, _trial_params(params, info[params["backbone"]]), run_name=run_name(params, stage, tracker.name_factors))
 
 
 def _show_ledger_in_mlflow(context, tracker: StudyTracker, info: dict) -> None:
@@ -478,12 +480,12 @@ def format_summary(outcome: StudyOutcome) -> str:
                              seeds=("trial_id", "size")).reset_index()
         best = configs.sort_values("val_dice", ascending=False).iloc[0]
         lines.append("Best configuration (by val Dice): "
-                     + (", ".join(f"{f}={best[f]:.3g}" if f in searched else f"{f}={best[f]}" for f in keys) or "the one run")
+                     + (", ".join(f"{f}={format_level(best[f])}" for f in keys) or "the one run")
                      + f"; val Dice {best['val_dice']:.3f}, test Dice {best['test_dice']:.3f}"
                      + (f" (means over {int(best['seeds'])} seeds)" if best["seeds"] > 1 else ""))
         for factor in factors:
             means = tuned.groupby(factor)["test_dice"].mean().sort_values(ascending=False)
-            lines.append(f"  best {factor}: {means.index[0]} (mean test Dice {means.iloc[0]:.3f} over "
+            lines.append(f"  best {factor}: {format_level(means.index[0])} (mean test Dice {means.iloc[0]:.3f} over "
                          f"{int((tuned[factor] == means.index[0]).sum())} trials)")
     failed = trials[trials["status"] == "ERROR"]
     if len(failed):

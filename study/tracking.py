@@ -58,7 +58,7 @@ import time
 import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Collection, Iterator, Mapping, Sequence
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -141,13 +141,15 @@ def _short_number(value: float) -> str:
     return f"{value:.2g}"
 
 
-def run_name(params: Mapping, stage: str) -> str:
+def run_name(params: Mapping, stage: str, varying: Collection[str] = ()) -> str:
     """The MLflow run name of a trial: its configuration, readable in the UI's runs table.
 
     A fine-tune trial: the values of target, backbone, optimizer, loss and prompt (those present,
     in this order), then every float-valued param (a learning rate, a searched range) as
-    `lr=1e-4` with 2 significant digits, in key order, then `s{seed}` when `seed` is a param,
-    joined with " · ": `litemedsam · adamw · dice · box · lr=1e-4 · s0`. A zero-shot evaluation:
+    `lr=1e-4` with 2 significant digits and every other param named in `varying` (the study's
+    grid factors with several levels: `train_clicks=2`, `swa=True`), in key order, then
+    `s{seed}` when `seed` is a param, joined with " · ":
+    `litemedsam · adamw · dice · box · lr=1e-4 · s0`. A zero-shot evaluation:
     `zero-shot · {backbone} · {prompt}` (`eval_prompt` when there is no `prompt`), then
     ` · {target}` when present. At most 250 characters (MLflow's limit).
     """
@@ -159,9 +161,13 @@ def run_name(params: Mapping, stage: str) -> str:
                                 if value is not None)]
     else:
         parts = [str(params[key]) for key in NAME_FACTORS if params.get(key) is not None]
-        parts += [f"{key}={_short_number(value)}" for key, value in sorted(params.items(), key=lambda kv: str(kv[0]))
-                  if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)
-                  and key not in NAME_FACTORS]
+        for key, value in sorted(params.items(), key=lambda kv: str(kv[0])):
+            if key in NAME_FACTORS or key == "seed":
+                continue
+            if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+                parts.append(f"{key}={_short_number(value)}")
+            elif key in varying:
+                parts.append(f"{key}={value}")
         if params.get("seed") is not None:
             parts.append(f"s{params['seed']}")
     return NAME_SEPARATOR.join(parts)[:MAX_RUN_NAME_CHARS]
@@ -193,10 +199,14 @@ class StudyTracker:
         # leaving the block closes: FINISHED, FAILED on an exception, KILLED on Ctrl-C
 
     Attributes: `tracking_uri`, `experiment_name`, `experiment_id`, `parent_run_id`,
-    `artifact_root` (the folder of the embedded store's artifacts; None for a server).
+    `artifact_root` (the folder of the embedded store's artifacts; None for a server),
+    `name_factors` (the study's grid factors with several levels, which trial run names spell
+    out: `run_name`'s `varying`).
     """
 
-    def __init__(self, tracking_uri: str | None, experiment: str, study_dir: Path):
+    def __init__(self, tracking_uri: str | None, experiment: str, study_dir: Path,
+                 name_factors: Collection[str] = ()):
+        self.name_factors = tuple(name_factors)
         self.study_dir = Path(study_dir).expanduser().resolve()
         self.study_dir.mkdir(parents=True, exist_ok=True)
         self.embedded = tracking_uri is None

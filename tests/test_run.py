@@ -154,7 +154,7 @@ def test_the_runner_pieces_route_each_target_to_its_store_and_encode_shared_imag
     opened = []
 
     class Result:
-        trial_id, stage, per_image, per_subject, history, predictions = "", "zero_shot", [], [], [], {}
+        trial_id, stage, per_image, per_subject, history, predictions, per_click = "", "zero_shot", [], [], [], {}, []
         summary = {"test_dice": 0.5}
 
     def fake_run_trial(spec, dataset, cache_root, **_):

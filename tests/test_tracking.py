@@ -325,6 +325,9 @@ def test_run_name_says_the_configuration():
         "whole_tumor · litemedsam · adamw · dice · box · lr=3.2e-4 · weight_decay=0.05 · s2")
     assert run_name({**trial, "lr": 1e-4, "iou_loss_weight": 1.0}, "finetune") == (
         "litemedsam · adamw · dice · box · iou_loss_weight=1 · lr=1e-4 · s0")
+    # integer and boolean factors are named where the study varies them (else two arms share a name)
+    assert run_name({**trial, "train_clicks": 2, "swa": True}, "finetune", varying=("train_clicks", "swa", "loss")) == (
+        "litemedsam · adamw · dice · box · swa=True · train_clicks=2 · s0")
     zero_shot = {"backbone": "sam_b", "prompt": "center_point", "eval_prompt": "center_point", "family": "sam",
                  "image_encoder_params": 85_000_000}
     assert run_name(zero_shot, "zero_shot") == "zero-shot · sam_b · center_point"

@@ -280,7 +280,7 @@ class DecoderFineTune:
 
     def forward(self, batch: list[SliceRecord], prompt_name: str, epoch: int | None, *,
                 prompts: list[Prompt] | None = None, features: dict[str, torch.Tensor] | None = None,
-                mask_input: torch.Tensor | None = None) -> "Decoded":
+                mask_input: torch.Tensor | None = None) -> Decoded:
         """The decoder's output for `batch` with its `prompt_name` prompts (see `Decoded`).
 
         Training (an epoch given) keeps every mask of the three-mask path (K = 3 where it is
@@ -340,7 +340,7 @@ class DecoderFineTune:
         self.backbone.model.eval()
         return total.item() / max(seen, 1)
 
-    def step_loss(self, out: "Decoded") -> tuple[torch.Tensor, torch.Tensor]:
+    def step_loss(self, out: Decoded) -> tuple[torch.Tensor, torch.Tensor]:
         """The training loss of one decoder pass (the lowest-loss mask per image, plus the IoU head
         regressed on every mask), and per image the index of the mask it took."""
         loss, picks = lowest_loss_and_mask(self.loss_fn, out.logits, out.target)
