@@ -29,11 +29,11 @@ import pandas as pd
 from analysis import figures
 from analysis.clicks import AUC, click_metric, clicks_of
 from analysis.overlays import prediction_examples
-from analysis.results import (FINETUNE, ZERO_SHOT, ResultsError, StudyResults, format_level, load_from_mlflow,
+from analysis.results import (FINETUNE, UNET, ZERO_SHOT, ResultsError, StudyResults, format_level, load_from_mlflow,
                               load_study, read_resolved_config, read_tracking, search_ranges)
-from analysis.statistics import (ALPHA, BOOTSTRAP_RESAMPLES, CONFIDENCE, NOISE_RULE, best_configuration, cell_means,
+from analysis.statistics import (ALPHA, BOOTSTRAP_RESAMPLES, CONFIDENCE, NOISE_MULTIPLE, NOISE_RULE, best_configuration, cell_means,
                                  configuration_ci, factor_tests, format_p, hyperparameter_importance, marginal_means, study_seed_sd,
-                                 subject_3d_table, summary_table, unit_values, zero_shot_change)
+                                 subject_3d_table, summary_table, unet_comparison, unit_values, zero_shot_change)
 
 
 # --- the document ---------------------------------------------------------------------------------
@@ -326,6 +326,8 @@ def _introduction(doc: Document, ctx: ReportContext, source: str):
     doc.text(f"Source: {source}. {len(finetune_trials)} fine-tuning trial(s), "
              f"{ev.loc[ev['stage'] == FINETUNE, 'trial_id'].nunique()} with test results, in {len(finetuned)} "
              f"configuration(s) ({results.seeds or 0} seed(s) at most); {len(zero_shot)} zero-shot configuration(s); "
+             + (f"{int((results.trials['stage'] == UNET).sum())} U-Net baseline trial(s); "
+                if (results.trials["stage"] == UNET).any() else "") +
              f"{images} distinct test image(s); unit of analysis: the {ctx.unit}, {ctx.n_units}. Factors varied in "
              f"the grid: {', '.join(results.grid_factors) or 'none'}"
              + (f"; searched over a range: {', '.join(results.searched_factors)}" if results.searched_factors else "")
@@ -418,6 +420,45 @@ def _summary_section(doc: Document, ctx: ReportContext):
               f"per {ctx.unit}, on the {ctx.unit}s both scored; the fine-tuned side is the same backbone and "
               f"evaluation prompt's best configuration on validation Dice. CI: {ctx.unit}-level bootstrap (two-level "
               f"over the fine-tuned seeds when it has several). p: paired Wilcoxon, Holm-adjusted over this table's rows.")
+
+
+def _unet_section(doc: Document, ctx: ReportContext):
+    """The U-Net baseline (baseline.unet) against the best fine-tuned SAM configuration."""
+    results, unit = ctx.results, ctx.unit
+    table = unet_comparison(results, seed=ctx.seed)
+    if table.empty:
+        return
+    settings = (results.config.get("baseline") or {}).get("unet") or {}
+    described = ", ".join(f"{key} {settings[key]}" for key in ("epochs", "input_size", "optimizer", "lr", "loss",
+                                                               "batch_size", "schedule", "deep_supervision")
+                          if key in settings) or "settings not recorded in resolved.yaml"
+    doc.heading("Fine-tuned SAM against the U-Net baseline", 3)
+    doc.text(f"The U-Net baseline is MONAI's DynUNet in nnU-Net's 2D layout (3 x 3 convolutions, stride-2 levels down "
+             f"to a 4-pixel feature map, instance norm, leaky ReLU), trained from scratch on the same training slices, "
+             f"selected on the same validation slices and scored on the same test slices, splits and seeds, with MONAI "
+             f"augmentation on the fly ({described}). It is not nnU-Net's full pipeline: no planning from the dataset's "
+             f"spacing and sizes, no 5-fold cross-validation or ensembling, no test-time mirroring. 'U-Net + box channel' "
+             f"also gets the prompt box as a fourth input channel, the same box a SAM trial with the box prompt gets, so "
+             f"it is the fair opponent of box-prompted SAM.")
+    shown = pd.DataFrame({
+        **({"Target": table["target"]} if "target" in table else {}),
+        "U-Net": table["unet"], "SAM configuration": table["sam_label"].fillna("none"),
+        "chosen by": table["selected_by"], "Seeds (SAM / U-Net)": [
+            f"{int(a)} / {int(b)}" if np.isfinite(a) else "-" for a, b in table[["sam_seeds", "unet_seeds"]].to_numpy()],
+        "SAM Dice": [_number(v, 3) for v in table["sam_mean"]], "U-Net Dice": [_number(v, 3) for v in table["unet_mean"]],
+        "SAM - U-Net [95% CI]": [_ci(m, lo, hi) for m, lo, hi in
+                                 table[["difference_mean", "difference_low", "difference_high"]].to_numpy()],
+        "Median difference": [_number(v, 3) for v in table["difference_median"]],
+        f"n {unit}s": table["n"], "p (Holm)": [format_p(p) for p in table["p_holm"]],
+        "Training noise": [_within(v) for v in table["within_noise"]],
+    })
+    doc.table(shown, "sam_vs_unet", table, caption=f"Per {unit}, the SAM configuration's Dice minus the U-Net's "
+              f"(each averaged over its seeds), on the {unit}s both scored: mean with a {CONFIDENCE:.0%} {unit}-level "
+              f"bootstrap CI (seeds averaged), median, paired Wilcoxon test Holm-adjusted over this table's rows. The "
+              f"SAM side is the best fine-tuned configuration on validation Dice; for the box-channel U-Net also the "
+              f"best box-prompted one. Training noise: the difference against sqrt(SD_SAM^2 / seeds_SAM + SD_U-Net^2 / "
+              f"seeds_U-Net) from each side's seed-to-seed SD: within it when |mean| < {NOISE_MULTIPLE:g} x that SD "
+              f"(not measured with one seed).")
 
 
 def _region_levels(results: StudyResults) -> list:
@@ -602,7 +643,7 @@ def _model_size(doc: Document, ctx: ReportContext):
     results, summary = ctx.results, ctx.summary.set_index("configuration")
     points, skipped = [], []
     for backbone, group in results.configurations.groupby("backbone"):
-        for stage in (ZERO_SHOT, FINETUNE):
+        for stage in (ZERO_SHOT, FINETUNE, UNET):
             key, _ = best_configuration(results, group[group["stage"] == stage])
             if key is None:
                 continue
@@ -619,7 +660,8 @@ def _model_size(doc: Document, ctx: ReportContext):
     table = pd.DataFrame(points)
     doc.figure(figures.model_size_figure(table), "model_size",
                "Test Dice (mean, 95% CI) against image-encoder parameter count (log scale), one colour per family; "
-               "solid: the backbone's best fine-tuned configuration, dashed: its best zero-shot prompt (both chosen "
+               "solid: the backbone's best fine-tuned configuration (for the U-Net baseline: its whole network's "
+               "parameter count), dashed: its best zero-shot prompt (both chosen "
                f"on validation Dice; zero-shot points drawn {figures.ZERO_SHOT_NUDGE - 1:.0%} to the right so the "
                "error bars stay apart).")
     doc.table(table.assign(params=table["params"].map(_params), mean=table["mean"].map(lambda v: _number(v, 3)))[
@@ -859,6 +901,7 @@ def build_report(results: StudyResults, study_dir: Path, out_dir: Path, source: 
     _introduction(doc, ctx, source)
     doc.text(best_text)
     _summary_section(doc, ctx)
+    _unet_section(doc, ctx)
     _region_section(doc, ctx)
     _ablation_section(doc, ctx)
     _per_image_section(doc, ctx)

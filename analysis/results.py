@@ -61,7 +61,7 @@ TRIAL_METRICS = ("epochs_run", "val_dice", "test_dice", "test_iou", "test_miou",
 # Trial columns that are not factors: the replicate index a configuration is trained with (search.seeds).
 NOT_FACTORS = ("seed",)
 HISTORY_METRICS = ("train_loss", "val_loss", "val_dice", "val_iou")
-ZERO_SHOT, FINETUNE = "zero_shot", "finetune"
+ZERO_SHOT, FINETUNE, UNET = "zero_shot", "finetune", "unet"  # stages; unet: the U-Net baseline (backbone unet, unet_box)
 
 
 class ResultsError(Exception):
@@ -420,6 +420,8 @@ def load_from_mlflow(tracking_uri: str, experiment: str, config: dict | None = N
             row.update(run.data.params)
             for key in TRIAL_METRICS:
                 row[key] = metrics.get(key, math.nan)
+            if "image_encoder_params" not in row and "model_params" in metrics:  # a U-Net: its whole network
+                row["image_encoder_params"] = metrics["model_params"]
             if epochs is not None and "val_dice" in epochs:
                 epochs = epochs.sort_values("epoch")
                 best = epochs[epochs["epoch"] == metrics.get("best_epoch")]
@@ -604,7 +606,7 @@ def _build_evaluations(results: StudyResults) -> tuple[pd.DataFrame, pd.DataFram
     evaluations["n_images"] = evaluations["evaluation"].map(per_image.groupby("evaluation").size())
     for column in ("image_encoder_params", *TRIAL_METRICS):
         evaluations[column] = pd.to_numeric(evaluations[column], errors="coerce")
-    stage_order = evaluations["stage"].map({ZERO_SHOT: 0, FINETUNE: 1}).fillna(2)
+    stage_order = evaluations["stage"].map({ZERO_SHOT: 0, UNET: 1, FINETUNE: 2}).fillna(3)
     evaluations = (evaluations.assign(_order=stage_order).sort_values(["_order", "backbone", "evaluation"])
                    .drop(columns="_order").reset_index(drop=True))
     if "eval_prompt" not in results.factors:
@@ -624,10 +626,12 @@ def _level_key(value):
 
 def _configuration_label(row: pd.Series, varying: list[str]) -> str:
     """The short name of a configuration: the backbone and every factor that varies."""
+    target = row.get("target")
+    region = f" · {target}" if isinstance(target, str) and "target" in varying else ""
     if row["stage"] == ZERO_SHOT:
-        target = row.get("target")
-        region = f" · {target}" if isinstance(target, str) and "target" in varying else ""
         return f"zero-shot · {row['backbone']} · {row['eval_prompt']}{region}"
+    if row["stage"] == UNET:
+        return ("U-Net + box channel" if row["backbone"] == "unet_box" else "U-Net") + region
     parts = [str(row["backbone"])]
     for name in varying:
         value = row[name]

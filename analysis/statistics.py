@@ -32,7 +32,7 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from analysis.results import FINETUNE, ZERO_SHOT, format_level, search_ranges
+from analysis.results import FINETUNE, UNET, ZERO_SHOT, format_level, search_ranges
 
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -647,6 +647,61 @@ def zero_shot_change(results, seed: int = 0, metric: str = "dice") -> pd.DataFra
                    selected_by=rule, n=test.n, change_mean=ci.mean, change_low=ci.low, change_high=ci.high,
                    change_median=test.median_difference, rank_biserial=test.rank_biserial, p=test.p)
         rows.append(row)
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table["p_holm"] = holm(table["p"])
+    return table
+
+
+def unet_comparison(results, seed: int = 0, metric: str = "dice") -> pd.DataFrame:
+    """The best fine-tuned SAM configuration against each U-Net baseline configuration (stage `unet`).
+
+    Per U-Net configuration: the SAM side is the best fine-tuned configuration (`best_configuration`,
+    on validation Dice) of the whole study, and, for the box-channel arm (`unet_box`), also the best
+    fine-tuned configuration evaluated with the `box` prompt where that is another one (the fair
+    comparison: both see the same box); with several targets, each of the same target. On the units
+    both scored: the mean per-unit difference SAM minus U-Net (each side averaged over its seeds) with
+    a unit-level bootstrap CI (`bootstrap_mean_ci`: units resampled, seeds averaged), the median, a
+    paired Wilcoxon test (Holm over this table), and beside them each side's seed-to-seed SD of its
+    mean (`seed_sd`) and `noise_sd` = sqrt(sd_sam^2 / seeds_sam + sd_unet^2 / seeds_unet), the SD seed
+    noise alone gives the difference, with `within_noise` (NOISE_RULE).
+    """
+    finetuned = _finetuned(results)
+    unets = results.configurations[results.configurations["stage"] == UNET]
+    rows = []
+    for _, unet in unets.iterrows():
+        pool = finetuned
+        region = {}
+        if "target" in results.factors and "target" in finetuned:
+            pool = pool[_same(pool["target"], unet.get("target"))]
+            region = {"target": unet.get("target")}
+        sides = [best_configuration(results, pool)]
+        if unet["backbone"] == "unet_box":
+            boxed = best_configuration(results, pool[pool["eval_prompt"] == "box"])
+            if boxed[0] is not None and boxed[0] != sides[0][0]:
+                sides.append((boxed[0], "highest validation Dice among box-prompted configurations"))
+        for sam_key, rule in sides:
+            row = {**region, "unet": unet["label"], "unet_configuration": unet["configuration"], "sam": sam_key,
+                   "selected_by": rule, "unit": results.unit}
+            if sam_key is None:
+                row.update(n=0, p=math.nan, sam_mean=math.nan, unet_mean=math.nan, difference_mean=math.nan,
+                           difference_low=math.nan, difference_high=math.nan, difference_median=math.nan,
+                           rank_biserial=math.nan, noise_sd=math.nan, within_noise=None)
+                rows.append(row)
+                continue
+            a, b = paired_configurations(results, [sam_key], [unet["configuration"]], metric)
+            ci = bootstrap_mean_ci((a - b).to_numpy(), seed=seed)
+            test = paired_wilcoxon(a.to_numpy(), b.to_numpy())
+            sd_sam = seed_sd(replicate_matrices(results, [sam_key], metric)[0])
+            sd_unet = seed_sd(replicate_matrices(results, [unet["configuration"]], metric)[0])
+            n_sam, n_unet = (int(results.configuration(k)["seeds"]) for k in (sam_key, unet["configuration"]))
+            noise = math.sqrt(sd_sam ** 2 / n_sam + sd_unet ** 2 / n_unet)
+            row.update(sam_label=results.configuration(sam_key)["label"], sam_seeds=n_sam, unet_seeds=n_unet, n=test.n,
+                       sam_mean=float(a.mean()), unet_mean=float(b.mean()), difference_mean=ci.mean,
+                       difference_low=ci.low, difference_high=ci.high, difference_median=test.median_difference,
+                       rank_biserial=test.rank_biserial, p=test.p, sam_seed_sd=sd_sam, unet_seed_sd=sd_unet,
+                       noise_sd=noise, within_noise=within_noise(ci.mean, noise))
+            rows.append(row)
     table = pd.DataFrame(rows)
     if not table.empty:
         table["p_holm"] = holm(table["p"])

@@ -252,8 +252,33 @@ class FactorsSection(_Section):
         return self.prompt if self.eval_prompt == "same" else self.eval_prompt
 
 
+class UNetSection(_Section):
+    """The U-Net baseline (`baseline.unet`, trainables/unet.py): trained from scratch on the prepared
+    slices, so its defaults are a from-scratch network's, not the decoder's."""
+
+    enabled: bool = False
+    epochs: int = Field(50, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: str = "adamw"
+    loss: str = "dice_bce"
+    batch_size: int = Field(8, ge=1)
+    schedule: str = "cosine"
+    weight_decay: float | None = Field(None, ge=0)  # None: the optimizer's default
+    input_size: int = Field(256, ge=16)  # every slice is resized to input_size x input_size
+    deep_supervision: bool = False
+    box_channel: bool = False  # also train the arm that gets the prompt box as a fourth input channel
+
+    @field_validator("input_size")
+    @classmethod
+    def _multiple_of_four(cls, value):
+        if value % 4:
+            raise ValueError(f"must be a multiple of 4 (the U-Net halves it at least twice), got {value}")
+        return value
+
+
 class BaselineSection(_Section):
     zero_shot: bool = True
+    unet: UNetSection = UNetSection()
 
 
 class SearchSection(_Section):
@@ -280,9 +305,15 @@ class SchedulerSection(_Section):
     reduction_factor: float = Field(3, gt=1)
 
 
+class UNetResources(_Section):
+    cpus_per_trial: float = Field(1, gt=0)
+    gpus_per_trial: float = Field(1, ge=0)  # a whole GPU; on a cluster without GPUs the trials use none
+
+
 class ResourcesSection(_Section):
     cpus_per_trial: float = Field(1, gt=0)
     gpus_per_trial: float = Field(0, ge=0)
+    unet: UNetResources = UNetResources()  # the U-Net baseline's trials
     max_concurrent: int | None = Field(None, ge=1)
     max_failures: int = Field(2, ge=0)
 
@@ -472,6 +503,10 @@ def _check_names(config: StudyConfig, source: str, lines: dict) -> None:
         for index, value in enumerate(factors.eval_prompt):
             if value not in names["prompt"]:
                 raise _unknown_name("prompt", value, names["prompt"], source, lines, ("factors", "eval_prompt", index))
+    unet = config.baseline.unet
+    for key, kind in (("optimizer", "optimizer"), ("loss", "loss"), ("schedule", "schedule")):
+        if getattr(unet, key) not in names[kind]:
+            raise _unknown_name(kind, getattr(unet, key), names[kind], source, lines, ("baseline", "unet", key))
     for backbone in config.weights.files:
         if backbone not in names["backbone"]:
             raise _unknown_name("backbone", backbone, names["backbone"], source, lines, ("weights", "files", backbone))

@@ -65,7 +65,7 @@ class TrialEntry:
     """One trial's ledger entry, as `trial.json` holds it."""
 
     trial_id: str
-    stage: str  # finetune | zero_shot
+    stage: str  # finetune | zero_shot | unet
     status: TrialStatus
     params: dict
     reason: str | None = None  # why it failed (ERROR) or crashed (CRASHED)

@@ -13,6 +13,7 @@ from search_spaces.space import SearchPlan, SearchRange
 from study.config import StudyConfig, config_hash
 from study.data.prepare import DatasetPlan, plan_targets
 from study.weights import weights_table
+from trainables.unet import UNET, UNET_BOX
 
 
 @dataclass
@@ -66,6 +67,23 @@ def search_plan(config: StudyConfig) -> SearchPlan:
     )
 
 
+def unet_plan(config: StudyConfig) -> SearchPlan | None:
+    """The U-Net baseline's trials (`baseline.unet`), None when it is off: backbone `unet`, and
+    `unet_box` with `box_channel`, times the targets when data.target lists several, each with the
+    baseline's settings as its params and trained `search.seeds` times. FIFO: a baseline is never
+    stopped early."""
+    unet = config.baseline.unet
+    if not unet.enabled:
+        return None
+    settings = {name: (value,) for name, value in unet.model_dump().items() if name not in ("enabled", "box_channel")}
+    backbones = (UNET, UNET_BOX) if unet.box_channel else (UNET,)
+    return SearchPlan(
+        algorithm="grid", cells=grid_cells(grid_axes({"backbone": backbones, **settings}, config.data.targets())),
+        ranges={}, num_samples=1, metric=config.search.metric, mode=config.search.mode, scheduler="fifo",
+        grace_period=1, reduction_factor=config.scheduler.reduction_factor, max_epochs=unet.epochs,
+        seed=config.study.seed, seeds=config.search.seeds)
+
+
 def build_plan(config: StudyConfig) -> StudyPlan:
     backbones = set(config.factors.backbone)
     weights = [row for row in weights_table(config.weights.dir, config.weights.files) if row["name"] in backbones]
@@ -85,6 +103,18 @@ def build_plan(config: StudyConfig) -> StudyPlan:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _unet_line(cfg: StudyConfig) -> str:
+    unet, plan = cfg.baseline.unet, unet_plan(cfg)
+    if plan is None:
+        return "U-Net baseline: off"
+    arms = "unet and unet_box (the prompt box as a fourth channel)" if unet.box_channel else "unet"
+    return (f"U-Net baseline: {_count(plan.total_trials, 'trial')} ({arms} x {_count(cfg.search.seeds, 'seed')}"
+            + (f" x {len(cfg.data.targets())} targets" if cfg.data.multi_target else "")
+            + f"): MONAI DynUNet in the nnU-Net 2D layout from scratch at {unet.input_size} px, {unet.epochs} epochs, "
+            f"{unet.optimizer} lr {unet.lr:g}, {unet.loss}; {cfg.resources.unet.cpus_per_trial:g} CPU and "
+            f"{cfg.resources.unet.gpus_per_trial:g} GPU per trial (none where the cluster has no GPU)")
 
 
 def format_plan(plan: StudyPlan) -> str:
@@ -131,6 +161,7 @@ def format_plan(plan: StudyPlan) -> str:
         f"({len(factors.backbone)} backbone(s) x eval prompts {', '.join(factors.eval_prompts())}"
         + (f" x {len(plan.datasets)} targets" if several else "") + ")"
         if cfg.baseline.zero_shot else "Zero-shot evaluations: off",
+        _unet_line(cfg),
         f"Weights ({cfg.weights.dir}):",
     ]
     for row in plan.weights:

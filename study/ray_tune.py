@@ -460,8 +460,9 @@ class TrialHandlers:
 
 
 def run_tune(plan: SearchPlan, context: stages.StudyContext, *, cpus: float, gpus: float,
-             max_concurrent: int | None, max_failures: int, handlers: TrialHandlers) -> str | None:
-    """Run the study's trials in the Tune experiment folder `<study>/tune`; returns None, or
+             max_concurrent: int | None, max_failures: int, handlers: TrialHandlers,
+             folder: str = TUNE_FOLDER) -> str | None:
+    """Run the plan's trials in the Tune experiment folder `<study>/<folder>`; returns None, or
     "user_error" when the search was stopped because a trial met a user error.
 
     Every run builds a new Tuner over the same deterministic trials (the explicit `plan_trials`
@@ -486,7 +487,7 @@ def run_tune(plan: SearchPlan, context: stages.StudyContext, *, cpus: float, gpu
             trial_dirname_creator=lambda trial: trial_id(_flat_params(trial.config)),
         ),
         run_config=tune.RunConfig(
-            name=TUNE_FOLDER, storage_path=str(storage), stop=stopper,
+            name=folder, storage_path=str(storage), stop=stopper,
             failure_config=tune.FailureConfig(max_failures=max_failures),
             callbacks=[events], verbose=1,
             progress_reporter=tune.CLIReporter(metric_columns=["epoch", "train_loss", "val_dice"],

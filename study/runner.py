@@ -38,11 +38,11 @@ from study import stages
 from study.config import StudyConfig, config_hash, resolved_dict, write_resolved
 from study.data.prepare import prepare_dataset
 from study.ledger import RUN_STATUS, TrialEntry, TrialLedger
-from study.plan import search_plan, study_axes
+from study.plan import search_plan, study_axes, unet_plan
 from study.tracking import StudyTracker, run_name
 from trainables.backbones import BACKBONES, get_spec, read_checkpoint, resolve_weights, weights_id
 from trainables.prompts import load_prompt_file
-from trainables.trial import BEST_DECODER_FILE
+from trainables.unet import UNET_BACKBONES
 
 ENCODE_SHARD = 32  # images per encode task
 REPORT_STAMP = "report.sha256"  # in results/: what the report was last built and logged from
@@ -52,7 +52,7 @@ REPORT_STAMP = "report.sha256"  # in results/: what the report was last built an
 EPOCH_METRICS = {"train_loss": "train_loss", "val_loss": "val_loss", "val_dice": "val_dice", "val_iou": "val_iou",
                  "seconds": "epoch_seconds"}
 FINAL_METRICS = ("val_dice", "test_dice", "test_iou", "test_miou", "test_hd95", "test_hd95_penalised", "test_nsd",
-                 "test_subjects", "epochs_run", "best_epoch", "seconds")
+                 "test_subjects", "epochs_run", "best_epoch", "seconds", "model_params")  # model_params: a U-Net's
 
 
 @dataclass
@@ -82,7 +82,10 @@ def _claim_study_dir(config: StudyConfig, fresh: bool) -> Path:
 
 
 def _model_info() -> dict:
-    return {name: {"family": entry.spec.family, **entry.spec.params.as_dict()} for name, entry in BACKBONES.items()}
+    """Backbone -> its family and parameter counts; the U-Net's count depends on its input size, so
+    its trials record it (`model_params`)."""
+    return {**{name: {"family": entry.spec.family, **entry.spec.params.as_dict()} for name, entry in BACKBONES.items()},
+            **{name: {"family": "unet"} for name in UNET_BACKBONES}}
 
 
 def _trial_params(config: dict, info: dict) -> dict:
@@ -165,12 +168,13 @@ def _run_locked(config: StudyConfig, plan_text: str, weights: dict, *, fresh: bo
                             f"data.split.val, or lower data.slicing.min_area so that the validation subjects "
                             f"keep slices.")
     info = _model_info()
-    plan = search_plan(config)
+    plan, baseline = search_plan(config), unet_plan(config)
     ledger = TrialLedger(study_dir)
     encode_jobs, cache_hits = _encode_jobs(config, datasets, weights, context.cache_root, verify_cache)
     zero_shot_todo = _zero_shot_todo(config, ledger)
     trials_todo = _trials_todo(plan, ledger)
-    work_left = bool(encode_jobs or zero_shot_todo or trials_todo)
+    unet_todo = baseline is not None and _trials_todo(baseline, ledger)
+    work_left = bool(encode_jobs or zero_shot_todo or trials_todo or unet_todo)
     if work_left:
         # Ray is imported only when there is work for it, and before MLflow's thread starts: both
         # imports hold the interpreter lock, while ray.init mostly waits for its processes.
@@ -192,7 +196,12 @@ def _run_locked(config: StudyConfig, plan_text: str, weights: dict, *, fresh: bo
                 _encode(workers, encode_jobs, cache_hits, context.cache_root, verify_cache)
                 _zero_shot(workers, zero_shot_todo, context, tracker, info)
             if trials_todo:
-                _tune(ray_tune, config, plan, context, tracker, info)
+                _tune(ray_tune, config, plan, context, tracker, info, config.resources.cpus_per_trial,
+                      config.resources.gpus_per_trial)
+            if unet_todo:  # a whole GPU each by default, none on a cluster without GPUs
+                gpus = config.resources.unet.gpus_per_trial if resources.get("GPU", 0) else 0
+                _tune(ray_tune, config, baseline, context, tracker, info, config.resources.unet.cpus_per_trial, gpus,
+                      folder="tune-unet")
         else:
             _encode(None, [], cache_hits, context.cache_root, verify_cache)
             print("Every trial and zero-shot evaluation of this study is final in its ledger: nothing to run "
@@ -310,8 +319,8 @@ def _finish(tracker: StudyTracker, entry: TrialEntry, info: dict) -> None:
     folder = TrialLedger(tracker.study_dir).folder(entry.trial_id)
     artifacts = {name: folder / name for name in ("per_image.csv", "per_subject.csv", "history.csv", "per_click.csv")
                  if (folder / name).exists()}
-    if (folder / "checkpoint" / BEST_DECODER_FILE).exists():
-        artifacts[f"checkpoint/{BEST_DECODER_FILE}"] = folder / "checkpoint" / BEST_DECODER_FILE
+    for best in sorted((folder / "checkpoint").glob("best_*.pt")):  # best_decoder.pt, or a U-Net's best_unet.pt
+        artifacts[f"checkpoint/{best.name}"] = best
     final = {k: entry.summary[k] for k in FINAL_METRICS if entry.summary.get(k) is not None}
     curve = entry.summary.get("test_dice_by_click")
     if curve:  # corrective clicks: the mean test Dice per click (step = click) and its normalised AUC
@@ -385,17 +394,20 @@ def _trials_todo(plan, ledger: TrialLedger) -> bool:
     return False
 
 
-def _tune(ray_tune, config: StudyConfig, plan, context, tracker: StudyTracker, info: dict) -> None:
+def _tune(ray_tune, config: StudyConfig, plan, context, tracker: StudyTracker, info: dict, cpus: float, gpus: float,
+          folder: str = "tune") -> None:
+    """Run `plan`'s trials (the fine-tunes, or the U-Net baseline's) in Ray Tune, `cpus` and `gpus`
+    each, in the Tune folder `<study>/<folder>`, with the ledger and MLflow kept up to date."""
     ledger = TrialLedger(context.study_dir)
     last_epoch: dict[str, int] = {}
     if plan.algorithm != "optuna":  # the whole trial list is known: every trial starts PENDING
         for params in plan_trials(plan):
-            ledger.plan(trial_id(params), "finetune", params)
+            ledger.plan(trial_id(params), stages.trial_stage(params), params)
 
     def on_start(params: dict) -> None:
         entry = ledger.read(trial_id(params))
         if entry is None or entry.to_run:  # a finished trial's run stays as it is
-            _open_run(tracker, trial_id(params), "finetune", params, info)
+            _open_run(tracker, trial_id(params), stages.trial_stage(params), params, info)
 
     def on_epoch(params: dict, result: dict) -> None:
         name = trial_id(params)
@@ -409,7 +421,7 @@ def _tune(ray_tune, config: StudyConfig, plan, context, tracker: StudyTracker, i
         name = trial_id(params)
         entry = ledger.read(name)
         if error and not (entry and entry.final):  # its worker failed on every attempt
-            entry = ledger.fail(name, error, user_error=user_error, params=params)
+            entry = ledger.fail(name, error, user_error=user_error, stage=stages.trial_stage(params), params=params)
         if entry is None or not entry.final:  # the scheduler stopped it: test its best epoch now
             ledger.stopped(name, last_epoch.get(name) or (entry.stop_after if entry else 0) or 0)
             return "finalise"
@@ -418,8 +430,8 @@ def _tune(ray_tune, config: StudyConfig, plan, context, tracker: StudyTracker, i
 
     handlers = ray_tune.TrialHandlers(on_start=on_start, on_epoch=on_epoch, on_end=on_end, on_crash=on_crash,
                                       on_finalised=lambda entry: _finish(tracker, entry, info))
-    outcome = ray_tune.run_tune(plan, context, cpus=config.resources.cpus_per_trial,
-                                gpus=config.resources.gpus_per_trial, max_concurrent=config.resources.max_concurrent,
+    outcome = ray_tune.run_tune(plan, context, cpus=cpus, gpus=gpus, folder=folder,
+                                max_concurrent=config.resources.max_concurrent,
                                 max_failures=config.resources.max_failures, handlers=handlers)
     if outcome == "user_error":
         failed = next(e for e in ledger.entries() if e.user_error)
@@ -487,6 +499,10 @@ def format_summary(outcome: StudyOutcome) -> str:
             means = tuned.groupby(factor)["test_dice"].mean().sort_values(ascending=False)
             lines.append(f"  best {factor}: {format_level(means.index[0])} (mean test Dice {means.iloc[0]:.3f} over "
                          f"{int((tuned[factor] == means.index[0]).sum())} trials)")
+    unets = trials[(trials["stage"] == "unet") & trials["test_dice"].notna()]
+    for backbone, runs in unets.groupby("backbone"):
+        lines.append(f"U-Net baseline {backbone}: test Dice {runs['test_dice'].mean():.3f} (mean over {len(runs)} "
+                     f"trial(s)); the report pairs it with the best SAM configuration")
     failed = trials[trials["status"] == "ERROR"]
     if len(failed):
         lines.append(f"{len(failed)} trial(s) failed; reasons are in results/trials.csv.")

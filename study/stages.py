@@ -27,6 +27,7 @@ from study.ledger import TrialEntry, TrialLedger, TrialStatus
 from trainables.result_tables import PER_CLICK_COLUMNS, PER_IMAGE_COLUMNS, PER_SUBJECT_COLUMNS
 
 HISTORY_COLUMNS = ["trial_id", "epoch", "train_loss", "val_loss", "val_dice", "val_iou", "seconds"]
+UNET_STAGE = "unet"  # the U-Net baseline's trials (trainables/unet.py)
 
 
 @dataclass(frozen=True)
@@ -93,17 +94,31 @@ def encode_shard(backbone_name: str, weights: str, prepared_root: str, cache_roo
     return asdict(cache.ensure(backbone, dataset, records, verify=True, full_check=full_check, progress=False))
 
 
+def trial_stage(params: dict) -> str:
+    """`unet` for a U-Net baseline trial (backbone unet or unet_box), else `finetune`."""
+    from trainables.unet import UNET_BACKBONES
+
+    return UNET_STAGE if params.get("backbone") in UNET_BACKBONES else "finetune"
+
+
 def _spec(params: dict, context: StudyContext, name: str, stage: str):
     from trainables.fine_tune import TrialSpec
+    from trainables.unet import UNET_BOX
 
     eval_prompts = () if context.eval_prompt == "same" else tuple(context.eval_prompt)
     fields = {k: v for k, v in params.items() if k in TrialSpec.__dataclass_fields__ and k != SEED_PARAM}
-    return TrialSpec(trial_id=name, stage=stage, weights=context.weights[params["backbone"]],
+    if stage == UNET_STAGE:  # from scratch, no clicks; scored with no prompt, or with the box it is given
+        weights, clicks = "random", 0
+        fields["prompt"] = "box" if params["backbone"] == UNET_BOX else "none"
+        eval_prompts = (fields["prompt"],)
+    else:
+        weights, clicks = context.weights[params["backbone"]], context.clicks
+    return TrialSpec(trial_id=name, stage=stage, weights=weights,
                      eval_prompts=eval_prompts, seed=context.seed, train_seed=int(params.get(SEED_PARAM, 0)),
                      prompt_settings=context.prompt_settings, prompts_file=context.prompts_file,
                      select_metric=context.select_metric, select_mode=context.select_mode,
                      single_point_multimask=context.single_point_multimask, nsd_tolerance=context.nsd_tolerance,
-                     clicks=context.clicks, click_rule=context.click_rule, image_encoder=False, device=_device(), **fields)
+                     clicks=clicks, click_rule=context.click_rule, image_encoder=False, device=_device(), **fields)
 
 
 def _save_predictions(folder: Path, predictions: dict) -> None:
@@ -167,7 +182,10 @@ def zero_shot(backbone_name: str, prompt: str, context: StudyContext, node: str 
 
 def finetune(params: dict, context: StudyContext, report: Callable[[dict], None], node: str | None = None,
              residency=None) -> TrialEntry:
-    """One fine-tune trial: resume from its checkpoint, report every epoch, test, save its outputs.
+    """One trial: resume from its checkpoint, report every epoch, test, save its outputs.
+
+    A decoder fine-tune (`trainables.trial.run_trial`), or a U-Net baseline trial
+    (`trainables.unet.run_unet_trial`, stage `unet`, `trial_stage`); the same life either way.
 
     The ledger entry says what is left to do: nothing for a final entry (its last epoch is
     reported again, so a scheduler and the tracker see it); test only, for a trial the scheduler
@@ -181,17 +199,19 @@ def finetune(params: dict, context: StudyContext, report: Callable[[dict], None]
 
     from trainables.fine_tune import TrialFailed
     from trainables.trial import run_trial
+    from trainables.unet import run_unet_trial
 
     name = trial_id(params)
+    stage = trial_stage(params)
     ledger = TrialLedger(context.study_dir)
-    entry = ledger.start(name, "finetune", params, node)
+    entry = ledger.start(name, stage, params, node)
     folder = ledger.folder(name)
     if not entry.to_run:
         last = _last_epoch(folder) if entry.status != TrialStatus.ERROR else None
         if last:
             report(last)
         return entry
-    spec = _spec(params, context, name, "finetune")
+    spec = _spec(params, context, name, stage)
     if entry.stop_after is not None:
         spec = replace(spec, epochs=entry.stop_after)
 
@@ -199,9 +219,13 @@ def finetune(params: dict, context: StudyContext, report: Callable[[dict], None]
         if metrics["epoch"] < spec.epochs:
             report({**metrics, "trial_id": name})
 
+    dataset = open_prepared(context.prepared_for(params.get("target")))
     try:
-        result = run_trial(spec, open_prepared(context.prepared_for(params.get("target"))), Path(context.cache_root),
-                           checkpoint_dir=folder / "checkpoint", on_epoch=on_epoch, residency=residency)
+        if stage == UNET_STAGE:
+            result = run_unet_trial(spec, dataset, checkpoint_dir=folder / "checkpoint", on_epoch=on_epoch)
+        else:
+            result = run_trial(spec, dataset, Path(context.cache_root), checkpoint_dir=folder / "checkpoint",
+                               on_epoch=on_epoch, residency=residency)
     except TrialFailed as failure:
         return ledger.fail(name, str(failure))
     except UserError as error:
@@ -236,8 +260,11 @@ def collect_results(study_dir: Path, factor_names: list[str], model_info: dict) 
     for entry in ledger.entries():
         params, summary = entry.params, entry.summary
         info = model_info.get(params.get("backbone"), {})
+        # A U-Net records its own parameter count (it depends on its input size): its whole network
+        # stands where an encoder's size does on the model-size plot.
+        encoder_params = info.get("image_encoder", summary.get("model_params"))
         trials.append({"trial_id": entry.trial_id, "stage": entry.stage, "status": str(entry.status),
-                       "family": info.get("family"), "image_encoder_params": info.get("image_encoder"),
+                       "family": info.get("family"), "image_encoder_params": encoder_params,
                        **{name: params.get(name) for name in factor_names}, "seed": params.get(SEED_PARAM),
                        "eval_prompt": params.get("prompt") if entry.stage == "zero_shot" else None,
                        **{name: summary.get(name) for name in RESULT_COLUMNS}, "attempts": entry.attempts,

@@ -83,7 +83,7 @@ NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
-STAGES = ("zero_shot", "finetune")
+STAGES = ("zero_shot", "finetune", "unet")  # unet: the U-Net baseline's trials
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # The `sam_study.status` tag holds the trial status in the vocabulary of results/trials.csv (Ray
 # Tune's): analysis reads it as the `status` column and keeps TERMINATED trials for fANOVA.

@@ -59,6 +59,26 @@ def test_dry_run_counts_every_seed_as_a_trial(phantom_root, tmp_path, capsys):
     assert "training seed 0..2, each its own trial" in out
     assert "backbone       sam2_s: 108, sam2_bplus: 108, sam2_l: 108, microsam_b: 108, microsam_h: 108" in out
     assert "Evaluation: single-point prompts single mask; NSD at 1.5 mm" in out
+    assert "U-Net baseline: off" in out
+
+
+def test_dry_run_counts_the_unet_baselines_trials_per_arm_seed_and_target(phantom_root, tmp_path, capsys):
+    path = example_pointed_at(phantom_root, tmp_path, search={"seeds": 3},
+                              baseline={"unet": {"enabled": True, "box_channel": True, "epochs": 40}})
+    assert main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert ("U-Net baseline: 6 trials (unet and unet_box (the prompt box as a fourth channel) x 3 seeds): MONAI "
+            "DynUNet in the nnU-Net 2D layout from scratch at 256 px, 40 epochs") in out
+    assert "Trials: 180 configurations x 3 seeds = 540 trials" in out  # the SAM trials are unchanged
+    from study.config import load_config
+    from study.plan import unet_plan
+
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["target"] = ["whole_tumor", "tumor_core"]
+    path.write_text(yaml.safe_dump(raw))
+    plan = unet_plan(load_config(path))
+    assert plan.total_trials == 2 * 2 * 3 and {c["target"] for c in plan.cells} == {"whole_tumor", "tumor_core"}
+    assert all(c["epochs"] == 40 and c["input_size"] == 256 for c in plan.cells)
 
 
 def test_dry_run_of_a_random_search_counts_draws_and_seeds(phantom_root, tmp_path, capsys):

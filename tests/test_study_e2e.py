@@ -76,8 +76,11 @@ def test_a_study_runs_on_two_nodes_and_leaves_every_trial_in_mlflow(cluster, sha
     """search.seeds: 2 on the phantom (MSD Task01 layout) on two nodes: one trial per seed, the same
     evaluation prompts, per-subject rows over every target slice of each test subject's label volume,
     one MLflow run per trial; trained with one corrective click per step and evaluated with two,
-    every test image's click curve in per_click.csv and MLflow."""
-    grid = write_grid(tmp_path, shared, "e2e", baseline={"zero_shot": True}, search={"seeds": 2},
+    every test image's click curve in per_click.csv and MLflow; the U-Net baseline (both arms, both
+    seeds) on the same test slices, its rows in every table and its comparison in the report."""
+    grid = write_grid(tmp_path, shared, "e2e", search={"seeds": 2},
+                      baseline={"zero_shot": True, "unet": {"enabled": True, "epochs": 2, "input_size": 64,
+                                                            "box_channel": True}},
                       factors={"optimizer": "adamw", "train_clicks": 1}, evaluation={"clicks": 2})
     assert main([str(grid), "--address", cluster.address]) == 0
     out = capsys.readouterr().out
@@ -88,7 +91,11 @@ def test_a_study_runs_on_two_nodes_and_leaves_every_trial_in_mlflow(cluster, sha
     tuned = trials[trials["stage"] == "finetune"]
     assert sorted(tuned["seed"]) == [0, 1] and tuned["trial_id"].nunique() == 2
     assert trials.loc[trials["stage"] == "zero_shot", "seed"].isna().all()
-    assert set(trials["stage"]) == {"finetune", "zero_shot"}
+    assert set(trials["stage"]) == {"finetune", "zero_shot", "unet"}
+    unets = trials[trials["stage"] == "unet"]
+    assert sorted(zip(unets["backbone"], unets["seed"])) == [("unet", 0), ("unet", 1), ("unet_box", 0), ("unet_box", 1)]
+    assert (unets["status"] == "TERMINATED").all() and (unets["epochs_run"] == 2).all()
+    assert unets[["test_dice", "image_encoder_params"]].notna().all().all() and set(unets["family"]) == {"unet"}
     assert (tuned["status"] == "TERMINATED").all() and (tuned["epochs_run"] == 2).all()
     assert tuned[["val_dice", "test_dice", "test_iou", "test_miou"]].notna().all().all()
     assert trials["node"].nunique() == 2, "trials and evaluations ran on both nodes"
@@ -99,7 +106,8 @@ def test_a_study_runs_on_two_nodes_and_leaves_every_trial_in_mlflow(cluster, sha
     for trial, rows in per_image.groupby("trial_id"):  # the table's Dice is the mean of the per-image Dice
         assert rows["dice"].mean() == pytest.approx(float(trials.set_index("trial_id").loc[trial, "test_dice"]))
     history = pd.read_csv(study / "results" / "history.csv")
-    assert len(history) == 2 * 2
+    assert len(history) == (2 + 4) * 2  # two fine-tunes and four U-Nets, two epochs each
+    assert set(per_image.loc[per_image["trial_id"].isin(unets["trial_id"]), "prompt"]) == {"none", "box"}
 
     per_subject = pd.read_csv(study / "results" / "per_subject.csv")
     assert set(per_image.loc[per_image["stage"] == "finetune", "seed"]) == {0, 1}
@@ -118,17 +126,24 @@ def test_a_study_runs_on_two_nodes_and_leaves_every_trial_in_mlflow(cluster, sha
         assert 0 <= float(row["dice_3d"].iloc[0]) <= 1 and np.isfinite(row["hd95_3d_mm"].iloc[0])
 
     per_click = pd.read_csv(study / "results" / "per_click.csv")
-    assert len(per_click) == 3 * len(per_image) and set(per_click["click"]) == {0, 1, 2}
+    sam_rows = per_image[~per_image["trial_id"].isin(unets["trial_id"])]  # a U-Net takes no clicks
+    assert len(per_click) == 3 * len(sam_rows) and set(per_click["click"]) == {0, 1, 2}
     first = per_click[per_click["click"] == 0].set_index(["trial_id", "image_id"])["dice"]
-    assert np.allclose(first.sort_index(), per_image.set_index(["trial_id", "image_id"])["dice"].sort_index())
+    assert np.allclose(first.sort_index(), sam_rows.set_index(["trial_id", "image_id"])["dice"].sort_index())
     for _, rows in per_click.groupby(["trial_id", "image_id"]):  # a click was added, or the mask was perfect
         for _, row in rows[rows["click"] > 0].iterrows():
             assert pd.notna(row["click_x"]) or rows.loc[rows["click"] == row["click"] - 1, "dice"].item() == 1.0
-    assert "## 6. Corrective clicks" in (study / "report" / "report.md").read_text()
+    report = (study / "report" / "report.md").read_text()
+    assert "## 6. Corrective clicks" in report and "### Fine-tuned SAM against the U-Net baseline" in report
+    versus = pd.read_csv(study / "report" / "tables" / "sam_vs_unet.csv")
+    assert set(versus["unet"]) == {"U-Net", "U-Net + box channel"} and versus["p"].notna().all()
 
     client, runs = mlflow_runs(study)
     for run in runs:
-        if run.data.tags.get("sam_study.role") == "trial":
+        if run.data.tags.get("sam_study.stage") == "unet":  # its network's size, for the model-size plot
+            assert run.data.metrics["model_params"] > 1e6 and run.data.params["family"] == "unet"
+            assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/best_unet.pt"]
+        elif run.data.tags.get("sam_study.role") == "trial":
             curve = client.get_metric_history(run.info.run_id, "test_dice_click")
             assert [m.step for m in sorted(curve, key=lambda m: m.step)] == [0, 1, 2]
             assert 0 <= run.data.metrics["test_click_auc"] <= 1

@@ -36,10 +36,12 @@ class HeldOutScores:
 
 
 def evaluate_on_test(fine_tune: DecoderFineTune, test: list[SliceRecord]) -> HeldOutScores:
-    """Score the decoder as it is now on `test`, with each evaluation prompt of the trial's spec."""
+    """Score the model as it is now on `test`, with each evaluation prompt of the trial's spec.
+    `fine_tune` is a `DecoderFineTune` or anything with its `spec`, `dataset`, `mask` and
+    `evaluate` (the U-Net baseline's `trainables.unet.UNetTrainer`)."""
     spec = fine_tune.spec
     eval_prompt = spec.primary_eval_prompt
-    seed = spec.train_seed if spec.stage == "finetune" else None
+    seed = None if spec.stage == "zero_shot" else spec.train_seed  # a zero-shot run is trained by no seed
     per_image: list[dict] = []
     per_subject: list[dict] = []
     per_click: list[dict] = []

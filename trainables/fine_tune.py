@@ -83,7 +83,7 @@ from trainables.clicks import Click, corrective_click
 from trainables.decoding import decode_rows, lowest_loss_and_mask, rows_for, seeded_rng
 from trainables.losses import build_loss, iou_head_loss
 from trainables.metrics import dice, image_metrics, iou
-from trainables.optimizers import build_optimizer, build_schedule
+from trainables.optimizers import build_optimizer, build_schedule, resume_schedule
 from trainables.prompts import Prompt, PromptSettings, load_prompt_file, make_prompt
 
 #: Images per decoder call when evaluating (no gradients are kept, so larger batches fit).
@@ -129,7 +129,8 @@ class TrialSpec:
     prompts_file: str | None = None
     select_metric: str = "val_dice"
     select_mode: str = "max"
-    input_size: int | None = None  # test-only override of the backbone's input size
+    input_size: int | None = None  # test-only override of the backbone's input size; the U-Net's input size
+    deep_supervision: bool = False  # the U-Net baseline only (trainables.unet)
     image_encoder: bool = True  # False: built without it (the study's trials, on a filled cache)
     device: str = "cpu"
 
@@ -181,6 +182,30 @@ class EncoderInTheLoop:
         return {name: torch.cat([part[name] for part in parts]).half().to(device).float() for name in parts[0]}
 
 
+def prompt_for(spec: TrialSpec, settings: PromptSettings, external: dict | None, mask: np.ndarray,
+               record: SliceRecord, name: str, epoch: int | None) -> Prompt:
+    """The prompt `name` of one image. An evaluation prompt (epoch None) depends on (study seed,
+    image, view, prompt) only, so every trial, seed and baseline gets the same one; a training
+    prompt also on the training seed and the epoch."""
+    parts = (spec.seed, record.image_id, record.view, name) + (() if epoch is None else ("train", spec.train_seed, epoch))
+    return make_prompt(name, mask, rng=seeded_rng(*parts), settings=settings, image_id=record.image_id,
+                       external=external)
+
+
+def score_image(record: SliceRecord, prediction: np.ndarray, truth: np.ndarray, prompt_name: str, full: bool,
+                nsd_tolerance: float) -> dict:
+    """One per-image row: every metric of `trainables.metrics.image_metrics` (`full`: the test table)
+    or Dice and IoU only (the per-epoch validation), at the original resolution."""
+    if full:
+        metrics = image_metrics(prediction, truth, record.spacing, nsd_tolerance=nsd_tolerance)
+        scores = {k: metrics[k] for k in ("dice", "iou", "miou", "hd95", "hd95_mm")}
+        scores.update(hd95_penalised=int(metrics["hd95_penalised"]), nsd=metrics["nsd"])
+    else:
+        scores = {"dice": dice(prediction, truth), "iou": iou(prediction, truth)}
+    return {"image_id": record.image_id, "subject": record.subject, "slice": record.slice_index, "area": record.area,
+            "prompt": prompt_name, **scores}
+
+
 def mean_metric(rows: list[dict], key: str) -> float:
     values = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
     return float(np.mean(values)) if values else float("nan")
@@ -206,6 +231,8 @@ class DecoderFineTune:
     `epochs` sizes the learning-rate schedule (0: evaluation only, no optimizer). `masks` is a
     dict (image id, view) -> ground truth, filled as masks are read and may be shared.
     """
+
+    best_file = "best_decoder.pt"  # the best epoch's decoder, in the trial's checkpoint folder
 
     def __init__(self, spec: TrialSpec, dataset: PreparedDataset, backbone: Backbone, embeddings: EmbeddingSource,
                  *, epochs: int | None = None, masks: dict[tuple[str, int], np.ndarray] | None = None):
@@ -241,17 +268,14 @@ class DecoderFineTune:
         return self.masks[key]
 
     def prompts(self, records: list[SliceRecord], name: str, epoch: int | None) -> list[Prompt]:
-        """Evaluation prompts (epoch None) depend on (seed, image, view, prompt) only and are
-        computed once; training prompts also on the training seed and the epoch."""
+        """The prompts `name` of `records` (`prompt_for`); evaluation prompts are computed once."""
         out = []
         for r in records:
             key = (name, r.image_id, r.view)
             if epoch is None and key in self.eval_prompts:
                 out.append(self.eval_prompts[key])
                 continue
-            parts = (self.spec.seed, r.image_id, r.view, name) + (() if epoch is None else ("train", self.spec.train_seed, epoch))
-            prompt = make_prompt(name, self.mask(r), rng=seeded_rng(*parts), settings=self.settings,
-                                 image_id=r.image_id, external=self.external)
+            prompt = prompt_for(self.spec, self.settings, self.external, self.mask(r), r, name, epoch)
             if epoch is None:
                 self.eval_prompts[key] = prompt
             out.append(prompt)
@@ -400,17 +424,9 @@ class DecoderFineTune:
                 loss_sum += self.loss_fn(out.logits, out.target) * len(batch)
                 predictions = (out.logits[:, 0] > 0).cpu().numpy()
                 for record, pred in zip(batch, predictions):
-                    truth = self.mask(record)
                     if keep is not None:
                         keep[record.image_id] = pred
-                    if full:
-                        metrics = image_metrics(pred, truth, record.spacing, nsd_tolerance=self.spec.nsd_tolerance)
-                        scores = {k: metrics[k] for k in ("dice", "iou", "miou", "hd95", "hd95_mm")}
-                        scores.update(hd95_penalised=int(metrics["hd95_penalised"]), nsd=metrics["nsd"])
-                    else:
-                        scores = {"dice": dice(pred, truth), "iou": iou(pred, truth)}
-                    rows.append({"image_id": record.image_id, "subject": record.subject, "slice": record.slice_index,
-                                 "area": record.area, "prompt": prompt_name, **scores})
+                    rows.append(score_image(record, pred, self.mask(record), prompt_name, full, self.spec.nsd_tolerance))
                 if click_rows is not None:
                     click_rows += self.click_curve(batch, prompt_name, prompts, features, out.low[:, :1],
                                                    list(predictions))
@@ -473,6 +489,11 @@ class DecoderFineTune:
         self.backbone.load_decoder_state_dict(state["decoder"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.optimizer_steps = state["optimizer_steps"]
-        self.schedule.last_epoch = self.optimizer_steps
-        for group, base_lr, factor in zip(self.optimizer.param_groups, self.schedule.base_lrs, self.schedule.lr_lambdas):
-            group["lr"] = base_lr * factor(self.optimizer_steps)
+        resume_schedule(self.schedule, self.optimizer_steps)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The trained weights (the decoder's), for the best epoch and SWA (`trainables.trial`)."""
+        return self.backbone.decoder_state_dict()
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        self.backbone.load_decoder_state_dict(state)

@@ -141,3 +141,11 @@ def build_schedule(name: str, optimizer: torch.optim.Optimizer, total_steps: int
     if int(warmup_steps) < 0:
         raise UserError(f"warmup_steps must be >= 0; got {warmup_steps}.")
     return LambdaLR(optimizer, lr_lambda=WarmupThenDecay(name, int(total_steps), int(warmup_steps)))
+
+
+def resume_schedule(schedule: LambdaLR, steps: int) -> None:
+    """Put `schedule` (and its optimizer's learning rates) at optimizer step `steps`, as a resumed
+    trial continues: the rates follow the schedule of the current run's length."""
+    schedule.last_epoch = steps
+    for group, base_lr, factor in zip(schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+        group["lr"] = base_lr * factor(steps)

@@ -6,16 +6,18 @@ encoder never runs here except to fill missing cache entries; every training ste
 mask-decoder pass over cached embeddings (`trainables.fine_tune.DecoderFineTune`, whose
 docstring states the training and evaluation conventions). A worker that runs many trials passes
 its `Residency` (trainables/residency.py) so backbones, embeddings and masks are kept between them.
+`train_and_test(trainer, epochs)` is the loop itself, for any `Trainer`: the U-Net baseline
+(`trainables.unet.run_unet_trial`) is trained, checkpointed, selected and tested by it too.
 
 Checkpoints. With `checkpoint_dir`, the end of every epoch writes one file, `state.pt`, holding
-all a resume needs: the decoder and optimizer state, the schedule's step, the epoch, the history,
-the best epoch with its value and its decoder weights, and the SWA average. It is written
+all a resume needs: the trained weights and optimizer state, the schedule's step, the epoch, the
+history, the best epoch with its value and its weights, and the SWA average. It is written
 atomically and durably (`foundation.files`: temp file, fsync, rename), and the previous one is
 kept as `state.prev.pt`, so a crash at any moment leaves a whole checkpoint of one of the last two
 epochs. A resume reads `state.pt`, else `state.prev.pt`; one that cannot be read (truncated by a
 machine crash, say) is moved aside as `*.unreadable` with a warning, and the trial goes on from the
-other or from scratch. `best_decoder.pt` (the best epoch's decoder, the MLflow artifact) is written
-once, when the trial ends.
+other or from scratch. The trainer's `best_file` (`best_decoder.pt`: the best epoch's decoder, the
+MLflow artifact; `best_unet.pt` for the U-Net) is written once, when the trial ends.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 PREVIOUS_STATE_FILE = "state.prev.pt"
-BEST_DECODER_FILE = "best_decoder.pt"
+BEST_DECODER_FILE = DecoderFineTune.best_file
 
 
 @dataclass
@@ -120,7 +122,6 @@ def run_trial(spec: TrialSpec, dataset: PreparedDataset, cache_root: Path, *, ch
     `TrialFailed` when the loss becomes non-finite.
     """
     started = time.perf_counter()
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if residency is not None:
         retain_freed_memory()
         backbone = residency.backbone(spec.backbone, spec.weights, spec.input_size, spec.device, spec.image_encoder)
@@ -142,30 +143,61 @@ def run_trial(spec: TrialSpec, dataset: PreparedDataset, cache_root: Path, *, ch
         embeddings = MappedEmbeddings(cache)
     masks = residency.masks_of(dataset) if residency is not None else None
     fine_tune = DecoderFineTune(spec, dataset, backbone, embeddings, epochs=epochs, masks=masks)
-    eval_prompt = spec.primary_eval_prompt
+    return train_and_test(fine_tune, epochs, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, progress=progress,
+                          started=started, summary={"cache": {**asdict(cache.counts), "from_memory": from_memory}})
 
+
+class Trainer(Protocol):
+    """What the trial loop needs of a trial's model: a decoder fine-tune (`DecoderFineTune`) or the
+    U-Net baseline (`trainables.unet.UNetTrainer`)."""
+
+    spec: TrialSpec
+    dataset: PreparedDataset
+    best_file: str  # the best epoch's weights in the checkpoint folder (the MLflow artifact)
+
+    def train_epoch(self, epoch: int) -> float: ...
+    def evaluate(self, records, prompt_name: str, *, full: bool = True, keep: dict | None = None,
+                 click_rows: list | None = None) -> tuple[list[dict], float]: ...
+    def weights(self) -> dict[str, torch.Tensor]: ...
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def mask(self, record): ...
+
+
+def train_and_test(trainer: Trainer, epochs: int, *, checkpoint_dir: Path | None = None,
+                   on_epoch: Callable[[dict], None] | None = None, progress: bool = False,
+                   started: float | None = None, summary: dict | None = None) -> TrialResult:
+    """Train `trainer` for `epochs` epochs (resuming from `checkpoint_dir`), select its best epoch on
+    validation, and test it (`trainables.evaluation.evaluate_on_test`); see run_trial and the
+    module docstring. `summary` adds entries to the result's summary."""
+    started = time.perf_counter() if started is None else started
+    spec, dataset = trainer.spec, trainer.dataset
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    val, test = dataset.records_for("val"), dataset.records_for("test")
+    eval_prompt = spec.primary_eval_prompt
     history: list[dict] = []
-    best = {"epoch": 0, "value": None, "state": backbone.decoder_state_dict()}
+    best = {"epoch": 0, "value": None, "state": trainer.weights()}
     swa_state, swa_count = None, 0
     saved = load_checkpoint(checkpoint_dir, spec.device) if epochs and checkpoint_dir else None
     if saved is not None:
-        fine_tune.load_state_dict(saved)
+        trainer.load_state_dict(saved)
         history = saved["history"]
         best = {"epoch": saved["best_epoch"], "value": saved["best_value"], "state": saved["best_state"]}
         swa_state, swa_count = saved.get("swa_state"), saved.get("swa_count", 0)
 
     for epoch in range(len(history) + 1, epochs + 1):
         epoch_start = time.perf_counter()
-        train_loss = fine_tune.train_epoch(epoch)
+        train_loss = trainer.train_epoch(epoch)
         averaging = spec.swa and epoch > epochs // 2
         if averaging:
-            live = backbone.decoder_state_dict()
+            live = trainer.weights()
             swa_count += 1
             swa_state = _state_copy(live) if swa_state is None else {
                 k: swa_state[k] + (live[k] - swa_state[k]) / swa_count if live[k].is_floating_point() else live[k]
                 for k in live}
-            backbone.load_decoder_state_dict(swa_state)
-        val_rows, val_loss = fine_tune.evaluate(val, eval_prompt, full=False)
+            trainer.load_weights(swa_state)
+        val_rows, val_loss = trainer.evaluate(val, eval_prompt, full=False)
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                    "val_dice": mean_metric(val_rows, "dice"), "val_iou": mean_metric(val_rows, "iou"),
                    "seconds": time.perf_counter() - epoch_start}
@@ -173,12 +205,12 @@ def run_trial(spec: TrialSpec, dataset: PreparedDataset, cache_root: Path, *, ch
         value = metrics[spec.select_metric]
         improved = best["value"] is None or (value > best["value"] if spec.select_mode == "max" else value < best["value"])
         if improved:
-            best = {"epoch": epoch, "value": value, "state": backbone.decoder_state_dict()}
+            best = {"epoch": epoch, "value": value, "state": trainer.weights()}
         if averaging:
-            backbone.load_decoder_state_dict(live)
+            trainer.load_weights(live)
         if checkpoint_dir:
             save_checkpoint(checkpoint_dir, {
-                **fine_tune.state_dict(), "epoch": epoch, "history": history, "best_epoch": best["epoch"],
+                **trainer.state_dict(), "epoch": epoch, "history": history, "best_epoch": best["epoch"],
                 "best_value": best["value"], "best_state": best["state"], "swa_state": swa_state,
                 "swa_count": swa_count})
         if on_epoch:
@@ -188,18 +220,17 @@ def run_trial(spec: TrialSpec, dataset: PreparedDataset, cache_root: Path, *, ch
                   f"val_dice {metrics['val_dice']:.4f} ({metrics['seconds']:.1f}s)", flush=True)
 
     if checkpoint_dir and history:
-        save_torch(best["state"], checkpoint_dir / BEST_DECODER_FILE)
-    backbone.load_decoder_state_dict(best["state"])
-    val_rows = fine_tune.evaluate(val, eval_prompt, full=False)[0] if not history else []
-    scores = evaluate_on_test(fine_tune, test)
-    summary = {
+        save_torch(best["state"], checkpoint_dir / trainer.best_file)
+    trainer.load_weights(best["state"])
+    val_rows = trainer.evaluate(val, eval_prompt, full=False)[0] if not history else []
+    scores = evaluate_on_test(trainer, test)
+    result_summary = {
         "epochs_run": len(history),
         "best_epoch": best["epoch"],
         "val_dice": history[best["epoch"] - 1]["val_dice"] if history else mean_metric(val_rows, "dice"),
         **scores.summary,
         "seconds": time.perf_counter() - started,
-        "cache": {**asdict(cache.counts), "from_memory": from_memory},
+        **(summary or {}),
     }
-    return TrialResult(spec.trial_id, spec.stage, history, scores.per_image, summary, per_subject=scores.per_subject,
-                       predictions=scores.predictions, per_click=scores.per_click)
-
+    return TrialResult(spec.trial_id, spec.stage, history, scores.per_image, result_summary,
+                       per_subject=scores.per_subject, predictions=scores.predictions, per_click=scores.per_click)
