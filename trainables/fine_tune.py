@@ -71,7 +71,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -204,6 +204,37 @@ def score_image(record: SliceRecord, prediction: np.ndarray, truth: np.ndarray, 
         scores = {"dice": dice(prediction, truth), "iou": iou(prediction, truth)}
     return {"image_id": record.image_id, "subject": record.subject, "slice": record.slice_index, "area": record.area,
             "prompt": prompt_name, **scores}
+
+
+def optimizer_steps(spec: TrialSpec, batches: list[list], batch_loss: Callable[[list], torch.Tensor], optimizer,
+                    schedule, epoch: int, advice: str) -> tuple[float, int]:
+    """One epoch's training steps with gradient accumulation: each group of `spec.grad_accum`
+    batches averages its batch losses (a last, shorter group over its own size), then one optimizer
+    and schedule step. The loss is checked once per step, before it, so a non-finite value never
+    reaches the weights (`TrialFailed`, naming the trial, epoch and step, then `advice`). Returns
+    (the mean training loss per image, the optimizer steps taken)."""
+    total, seen, steps = torch.zeros((), device=spec.device), 0, 0
+    optimizer.zero_grad(set_to_none=True)
+    for start in range(0, len(batches), spec.grad_accum):
+        group = batches[start:start + spec.grad_accum]
+        group_loss = torch.zeros((), device=spec.device)
+        for batch in group:
+            loss = batch_loss(batch)
+            (loss / len(group)).backward()
+            group_loss += loss.detach() * len(batch)
+        if not torch.isfinite(group_loss):  # the one host sync per optimizer step
+            optimizer.zero_grad(set_to_none=True)
+            raise TrialFailed(
+                f"trial {spec.trial_id}: the training loss became {group_loss.item()} at epoch {epoch} "
+                f"(optimizer step {start // spec.grad_accum + 1} of the epoch; lr {spec.lr:g}, optimizer "
+                f"{spec.optimizer}, loss {spec.loss}); the trial was stopped before that step. {advice}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        steps += 1
+        total += group_loss
+        seen += sum(len(b) for b in group)
+    return total.item() / max(seen, 1), steps
 
 
 def mean_metric(rows: list[dict], key: str) -> float:
@@ -339,30 +370,11 @@ class DecoderFineTune:
         batches = self.batches(chosen, rng)
         click_rng = seeded_rng(spec.seed, "train", spec.train_seed, "epoch", epoch, "clicks")
         self.backbone.model.train()
-        total, seen = torch.zeros((), device=spec.device), 0
-        self.optimizer.zero_grad(set_to_none=True)
-        for start in range(0, len(batches), spec.grad_accum):
-            group = batches[start:start + spec.grad_accum]
-            group_loss = torch.zeros((), device=spec.device)
-            for batch in group:
-                loss = self.training_loss(batch, epoch, click_rng)
-                (loss / len(group)).backward()
-                group_loss += loss.detach() * len(batch)
-            if not torch.isfinite(group_loss):  # the one host sync per optimizer step
-                self.optimizer.zero_grad(set_to_none=True)
-                raise TrialFailed(
-                    f"trial {spec.trial_id}: the training loss became {group_loss.item()} at epoch {epoch} "
-                    f"(optimizer step {start // spec.grad_accum + 1} of the epoch; lr {spec.lr:g}, optimizer "
-                    f"{spec.optimizer}, loss {spec.loss}); the trial was stopped before that step. A lower "
-                    f"learning rate usually helps.")
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.schedule.step()
-            self.optimizer_steps += 1
-            total += group_loss
-            seen += sum(len(b) for b in group)
+        loss, steps = optimizer_steps(spec, batches, lambda batch: self.training_loss(batch, epoch, click_rng),
+                                      self.optimizer, self.schedule, epoch, "A lower learning rate usually helps.")
+        self.optimizer_steps += steps
         self.backbone.model.eval()
-        return total.item() / max(seen, 1)
+        return loss
 
     def step_loss(self, out: Decoded) -> tuple[torch.Tensor, torch.Tensor]:
         """The training loss of one decoder pass (the lowest-loss mask per image, plus the IoU head

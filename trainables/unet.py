@@ -43,10 +43,10 @@ import torch.nn.functional as F
 
 from foundation.prepared_store import PreparedDataset, SliceRecord
 from trainables.decoding import seeded_rng
-from trainables.fine_tune import TrialFailed, TrialSpec, prompt_for, score_image
+from trainables.fine_tune import TrialSpec, optimizer_steps, prompt_for, score_image
 from trainables.losses import build_loss
 from trainables.optimizers import build_optimizer, build_schedule, resume_schedule
-from trainables.prompts import PromptSettings, load_prompt_file
+from trainables.prompts import PromptSettings
 from trainables.trial import TrialResult, train_and_test
 
 UNET, UNET_BOX = "unet", "unet_box"
@@ -104,18 +104,15 @@ class UNetTrainer:
 
     best_file = "best_unet.pt"
 
-    def __init__(self, spec: TrialSpec, dataset: PreparedDataset, *, epochs: int | None = None,
-                 masks: dict[tuple[str, int], np.ndarray] | None = None):
+    def __init__(self, spec: TrialSpec, dataset: PreparedDataset):
         if spec.backbone not in UNET_BACKBONES:
             raise ValueError(f"a U-Net trial's backbone is one of {UNET_BACKBONES}, not {spec.backbone!r}")
         if not spec.input_size:
             raise ValueError("a U-Net trial needs its input size (baseline.unet.input_size)")
         self.spec, self.dataset = spec, dataset
         self.with_box = spec.backbone == UNET_BOX
-        self.masks = {} if masks is None else masks
-        self.epochs = spec.epochs if epochs is None else epochs
+        self.masks: dict[tuple[str, int], np.ndarray] = {}
         self.settings = PromptSettings(**spec.prompt_settings)
-        self.external = load_prompt_file(Path(spec.prompts_file)) if spec.prompts_file else None
         torch.manual_seed(int(seeded_rng(spec.seed, "unet", spec.train_seed).integers(2**62)))
         self.model = build_unet(4 if self.with_box else 3, spec.input_size, spec.deep_supervision).to(spec.device)
         self.loss_fn = build_loss(spec.loss)
@@ -123,7 +120,7 @@ class UNetTrainer:
         self.optimizer = build_optimizer(spec.optimizer, self.model.parameters(), spec.lr, spec.weight_decay,
                                          spec.momentum)
         steps = self.steps_per_epoch()
-        self.schedule = build_schedule(spec.schedule, self.optimizer, steps * max(self.epochs, 1),
+        self.schedule = build_schedule(spec.schedule, self.optimizer, steps * spec.epochs,
                                        spec.warmup_epochs * steps)
         self.optimizer_steps = 0
         self.augment = _augmentation()
@@ -158,7 +155,7 @@ class UNetTrainer:
 
     def box_channel_of(self, record: SliceRecord, mask: np.ndarray) -> np.ndarray:
         """The evaluation box of `record` as a channel at the original resolution (`unet_box`)."""
-        prompt = prompt_for(self.spec, self.settings, self.external, mask, record, BOX_PROMPT, None)
+        prompt = prompt_for(self.spec, self.settings, None, mask, record, BOX_PROMPT, None)
         return box_channel(None if prompt.boxes is None else prompt.boxes[0], mask.shape)
 
     def inputs(self, records: list[SliceRecord]) -> torch.Tensor:
@@ -206,31 +203,18 @@ class UNetTrainer:
         seeds = rng.integers(2**31, size=len(order))
         batches = [list(range(i, min(i + spec.batch_size, len(order)))) for i in range(0, len(order), spec.batch_size)]
         self.model.train()
-        total, seen = 0.0, 0
-        self.optimizer.zero_grad(set_to_none=True)
-        for start in range(0, len(batches), spec.grad_accum):
-            group = batches[start:start + spec.grad_accum]
-            group_loss = torch.zeros((), device=spec.device)
-            for batch in group:
-                examples = [self._training_example(order[i], int(seeds[i])) for i in batch]
-                images = torch.stack([e[0] for e in examples]).to(spec.device)
-                targets = torch.stack([e[1] for e in examples]).to(spec.device)
-                loss = self._loss(self.model(images), targets)
-                (loss / len(group)).backward()
-                group_loss += loss.detach() * len(batch)
-            if not torch.isfinite(group_loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise TrialFailed(f"trial {spec.trial_id}: the U-Net's training loss became {group_loss.item()} at "
-                                  f"epoch {epoch}; the trial was stopped before that step. A lower "
-                                  f"baseline.unet.lr usually helps.")
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.schedule.step()
-            self.optimizer_steps += 1
-            total += group_loss.item()
-            seen += sum(len(b) for b in group)
+
+        def batch_loss(batch: list[int]) -> torch.Tensor:
+            examples = [self._training_example(order[i], int(seeds[i])) for i in batch]
+            images = torch.stack([e[0] for e in examples]).to(spec.device)
+            targets = torch.stack([e[1] for e in examples]).to(spec.device)
+            return self._loss(self.model(images), targets)
+
+        loss, steps = optimizer_steps(spec, batches, batch_loss, self.optimizer, self.schedule, epoch,
+                                      "A lower baseline.unet.lr usually helps.")
+        self.optimizer_steps += steps
         self.model.eval()
-        return total / max(seen, 1)
+        return loss
 
     # --- evaluation
 

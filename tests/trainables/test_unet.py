@@ -80,11 +80,11 @@ class _Crash(Exception):
 
 
 def test_a_unet_trial_trains_and_resumes_exactly_after_a_crash(phantom_dataset, tmp_path):
-    """Its training loss falls; a crash after epoch 2's checkpoint, then the same call, gives the
+    """Its training loss falls; a crash after epoch 1's checkpoint, then the same call, gives the
     history, best epoch and test Dice of an uninterrupted run (data order, MONAI's augmentation
     draws, optimizer and learning-rate schedule restored)."""
     _, dataset = phantom_dataset
-    spec = _spec(UNET_BOX)
+    spec = _spec(UNET_BOX, epochs=2)
     straight = run_unet_trial(spec, dataset, checkpoint_dir=tmp_path / "straight")
     losses = [row["train_loss"] for row in straight.history]
     assert losses[-1] < losses[0]
@@ -92,12 +92,12 @@ def test_a_unet_trial_trains_and_resumes_exactly_after_a_crash(phantom_dataset, 
     assert straight.summary["model_params"] == sum(p.numel() for p in build_unet(4, SIZE).parameters())
     assert {row["prompt"] for row in straight.per_image} == {"box"} and straight.per_subject
 
-    def crash_after_epoch_2(metrics):
-        if metrics["epoch"] == 2:
+    def crash_after_epoch_1(metrics):
+        if metrics["epoch"] == 1:
             raise _Crash
 
     with pytest.raises(_Crash):
-        run_unet_trial(spec, dataset, checkpoint_dir=tmp_path / "a", on_epoch=crash_after_epoch_2)
+        run_unet_trial(spec, dataset, checkpoint_dir=tmp_path / "a", on_epoch=crash_after_epoch_1)
     resumed = run_unet_trial(spec, dataset, checkpoint_dir=tmp_path / "a")
 
     def without_seconds(history):
