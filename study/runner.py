@@ -499,7 +499,7 @@ def format_summary(outcome: StudyOutcome) -> str:
             means = tuned.groupby(factor)["test_dice"].mean().sort_values(ascending=False)
             lines.append(f"  best {factor}: {format_level(means.index[0])} (mean test Dice {means.iloc[0]:.3f} over "
                          f"{int((tuned[factor] == means.index[0]).sum())} trials)")
-    unets = trials[(trials["stage"] == "unet") & trials["test_dice"].notna()]
+    unets = trials[(trials["stage"] == stages.UNET_STAGE) & trials["test_dice"].notna()]
     for backbone, runs in unets.groupby("backbone"):
         lines.append(f"U-Net baseline {backbone}: test Dice {runs['test_dice'].mean():.3f} (mean over {len(runs)} "
                      f"trial(s)); the report pairs it with the best SAM configuration")

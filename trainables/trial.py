@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 PREVIOUS_STATE_FILE = "state.prev.pt"
-BEST_DECODER_FILE = DecoderFineTune.best_file
 
 
 @dataclass
