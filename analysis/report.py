@@ -816,28 +816,35 @@ def _clicks_section(doc: Document, ctx: ReportContext, number: int) -> bool:
     ranked = pd.concat([summary[summary["stage"] == ZERO_SHOT],
                         summary[summary["stage"] != ZERO_SHOT].sort_values("val_dice", ascending=False)])
     shown_ks = sorted({k for k in (0, 1, 3, 5, 10, clicks) if k <= clicks})
-    rows, curves = [], {}
+
+    def at_click(conf: pd.Series, k: int) -> tuple[float, float, float]:
+        """Mean Dice after k clicks and its CI; click 0 is the summary's Dice (the same computation)."""
+        if k == 0:
+            return conf["dice_mean"], conf["dice_low"], conf["dice_high"]
+        ci = configuration_ci(results, [conf["configuration"]], click_metric(k), ctx.seed)
+        return ci.mean, ci.low, ci.high
+
+    rows = []
     for _, conf in ranked.iterrows():
-        key = conf["configuration"]
-        cis = [configuration_ci(results, [key], click_metric(k), ctx.seed) for k in range(clicks + 1)]
-        auc = configuration_ci(results, [key], AUC, ctx.seed)
+        auc = configuration_ci(results, [conf["configuration"]], AUC, ctx.seed)
         row = {"Configuration": conf["label"], "Stage": conf["stage"].replace("_", "-"), "Seeds": conf["seeds"],
                f"n {unit}s": auc.n}
-        row.update({f"Dice@{k} [95% CI]": _ci(cis[k].mean, cis[k].low, cis[k].high) for k in shown_ks})
+        row.update({f"Dice@{k} [95% CI]": _ci(*at_click(conf, k)) for k in shown_ks})
         row["AUC [95% CI]"] = _ci(auc.mean, auc.low, auc.high)
         rows.append(row)
-        curves[key] = pd.DataFrame({"click": range(clicks + 1), "mean": [c.mean for c in cis],
-                                    "low": [c.low for c in cis], "high": [c.high for c in cis]})
     # Drawn: the CURVES_SHOWN fine-tuned configurations best on validation Dice, and the zero-shot
-    # evaluations of their backbones and prompts.
+    # evaluations of their backbones and prompts; only their whole curves are computed.
     tuned = ranked[ranked["stage"] != ZERO_SHOT].head(CURVES_SHOWN)
     pairs = set(zip(tuned["backbone"], tuned["eval_prompt"]))
     matching = np.array([pair in pairs for pair in zip(ranked["backbone"], ranked["eval_prompt"])], bool)
     zero_shot = ranked[(ranked["stage"] == ZERO_SHOT).to_numpy() & matching]
     drawn = pd.concat([zero_shot, tuned])
+    curves = {}
+    for _, conf in drawn.iterrows():
+        points = [at_click(conf, k) for k in range(clicks + 1)]
+        curves[conf["label"]] = pd.DataFrame(points, columns=["mean", "low", "high"]).assign(click=range(clicks + 1))
     of = len(ranked) - int((ranked["stage"] == ZERO_SHOT).sum())
-    doc.figure(figures.click_curves({c["label"]: curves[c["configuration"]] for _, c in drawn.iterrows()},
-                                    set(zero_shot["label"])), "click_curves",
+    doc.figure(figures.click_curves(curves, set(zero_shot["label"])), "click_curves",
                f"Test Dice after 0..{clicks} corrective clicks (mean over {unit}s, band: 95% CI); solid: the "
                f"{len(tuned)} fine-tuned configuration(s) with the highest validation Dice" + (f" (of {of})" if of > len(tuned)
                                                                                              else "")

@@ -206,6 +206,23 @@ def score_image(record: SliceRecord, prediction: np.ndarray, truth: np.ndarray, 
             "prompt": prompt_name, **scores}
 
 
+def size_batches(records: list[SliceRecord], size: int,
+                 rng: np.random.Generator | None = None) -> list[list[SliceRecord]]:
+    """Batches of at most `size` images of one image size (predictions are mapped back to each size
+    separately); in the order given, or shuffled within and across sizes when `rng` is given."""
+    by_size: dict[tuple[int, int], list[SliceRecord]] = defaultdict(list)
+    for r in records:
+        by_size[(r.height, r.width)].append(r)
+    batches = []
+    for group in by_size.values():
+        order = rng.permutation(len(group)) if rng is not None else range(len(group))
+        group = [group[i] for i in order]
+        batches += [group[i:i + size] for i in range(0, len(group), size)]
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
 def optimizer_steps(spec: TrialSpec, batches: list[list], batch_loss: Callable[[list], torch.Tensor], optimizer,
                     schedule, epoch: int, advice: str) -> tuple[float, int]:
     """One epoch's training steps with gradient accumulation: each group of `spec.grad_accum`
@@ -314,19 +331,8 @@ class DecoderFineTune:
 
     def batches(self, records: list[SliceRecord], rng: np.random.Generator | None,
                 batch_size: int | None = None) -> list[list[SliceRecord]]:
-        """Batches of images of one size (the backbone maps each size separately); shuffled when rng given."""
-        size = batch_size or self.spec.batch_size
-        by_size: dict[tuple[int, int], list[SliceRecord]] = defaultdict(list)
-        for r in records:
-            by_size[(r.height, r.width)].append(r)
-        batches = []
-        for group in by_size.values():
-            order = rng.permutation(len(group)) if rng is not None else range(len(group))
-            group = [group[i] for i in order]
-            batches += [group[i:i + size] for i in range(0, len(group), size)]
-        if rng is not None:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
+        """`size_batches` of `records`, `spec.batch_size` images each unless `batch_size` says otherwise."""
+        return size_batches(records, batch_size or self.spec.batch_size, rng)
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps in one epoch: batches of the training images, grouped by `grad_accum`."""

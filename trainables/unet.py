@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from foundation.prepared_store import PreparedDataset, SliceRecord
 from trainables.decoding import seeded_rng
-from trainables.fine_tune import TrialSpec, optimizer_steps, prompt_for, score_image
+from trainables.fine_tune import TrialSpec, optimizer_steps, prompt_for, score_image, size_batches
 from trainables.losses import build_loss
 from trainables.optimizers import build_optimizer, build_schedule, resume_schedule
 from trainables.prompts import PromptSettings
@@ -154,7 +154,8 @@ class UNetTrainer:
         return (channels - mean) / np.maximum(std, 1e-6)
 
     def box_channel_of(self, record: SliceRecord, mask: np.ndarray) -> np.ndarray:
-        """The evaluation box of `record` as a channel at the original resolution (`unet_box`)."""
+        """The `box` prompt of `mask` as a channel of the mask's size (`unet_box`): for the original
+        mask, the evaluation box SAM trials get for `record`; the rule draws nothing at random."""
         prompt = prompt_for(self.spec, self.settings, None, mask, record, BOX_PROMPT, None)
         return box_channel(None if prompt.boxes is None else prompt.boxes[0], mask.shape)
 
@@ -162,10 +163,11 @@ class UNetTrainer:
         """The evaluation input of `records`: (N, 3 or 4, S, S)."""
         batch = []
         for record in records:
-            image, _ = self.dataset.load(record)
+            image, mask = self.dataset.load(record)
+            self.masks.setdefault((record.image_id, record.view), mask)  # read once: evaluate scores against it
             channels = [self._resized(self._normalised(image), "bilinear")]
             if self.with_box:
-                channels.append(self._resized(self.box_channel_of(record, self.mask(record))[None], "nearest"))
+                channels.append(self._resized(self.box_channel_of(record, mask)[None], "nearest"))
             batch.append(torch.cat(channels))
         return torch.stack(batch).to(self.spec.device)
 
@@ -176,10 +178,8 @@ class UNetTrainer:
         self.augment.set_random_state(seed=rng_seed)
         sample = self.augment(sample)
         image_t, label = torch.as_tensor(sample["image"]), torch.as_tensor(sample["label"])
-        if self.with_box:
-            augmented = label[0].numpy() > 0.5
-            prompt = prompt_for(self.spec, self.settings, None, augmented, record, BOX_PROMPT, 0)  # `box` draws nothing
-            box = box_channel(None if prompt.boxes is None else prompt.boxes[0], augmented.shape)
+        if self.with_box:  # the box of the augmented mask, as a SAM trial's prompt comes from its augmented view
+            box = self.box_channel_of(record, label[0].numpy() > 0.5)
             image_t = torch.cat([image_t, torch.from_numpy(box)[None]])
         return image_t.float(), (label > 0.5).float()
 
@@ -231,19 +231,14 @@ class UNetTrainer:
         (`none`, or `box` for unet_box); corrective clicks do not apply to a U-Net."""
         rows, loss_sum = [], 0.0
         self.model.eval()
-        by_size: dict[tuple[int, int], list[SliceRecord]] = {}
-        for record in records:
-            by_size.setdefault((record.height, record.width), []).append(record)
-        for group in by_size.values():
-            for start in range(0, len(group), self.spec.batch_size):
-                batch = group[start:start + self.spec.batch_size]
-                logits = self.logits(batch)
-                target = torch.from_numpy(np.stack([self.mask(r) for r in batch])).to(logits.device, torch.float32)
-                loss_sum += float(self.loss_fn(logits, target[:, None])) * len(batch)
-                for record, pred in zip(batch, (logits[:, 0] > 0).cpu().numpy()):
-                    if keep is not None:
-                        keep[record.image_id] = pred
-                    rows.append(score_image(record, pred, self.mask(record), prompt_name, full, self.spec.nsd_tolerance))
+        for batch in size_batches(records, self.spec.batch_size):
+            logits = self.logits(batch)
+            target = torch.from_numpy(np.stack([self.mask(r) for r in batch])).to(logits.device, torch.float32)
+            loss_sum += float(self.loss_fn(logits, target[:, None])) * len(batch)
+            for record, pred in zip(batch, (logits[:, 0] > 0).cpu().numpy()):
+                if keep is not None:
+                    keep[record.image_id] = pred
+                rows.append(score_image(record, pred, self.mask(record), prompt_name, full, self.spec.nsd_tolerance))
         return rows, (loss_sum / len(records) if records else float("nan"))
 
     # --- checkpoints
