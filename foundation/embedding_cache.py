@@ -2,7 +2,7 @@
 
 An entry holds what the mask decoder needs from the encoder for one prepared image: the image
 embedding and, for SAM 2, the two high-resolution feature maps *after* the decoder's frozen
-`conv_s0`/`conv_s1` projections (so those two projections stay frozen in every fine-tune; see
+`conv_s0`/`conv_s1` projections (so those two projections stay frozen in every decoder fine-tune; see
 trainables/backbones/sam2.py). Entries are
 
 - keyed by content. A namespace folder per (backbone name, weights identity, input size,
@@ -16,8 +16,13 @@ trainables/backbones/sam2.py). Entries are
   stores — the same slice, or the same augmented view, in the stores of two `data.target`s,
   whose images do not depend on the target — is one entry, encoded once:
 
-      <root>/embeddings/<backbone>/<weights[:16]>-s<size>-p<prep[:8]>/<h[:2]>/<h[:32]>/
+      <root>/embeddings/<backbone>/<weights[:16]>-s<size>-p<prep[:8]>[-prefix<k>]/<h[:2]>/<h[:32]>/
           image_embed.npy  [high_res_0.npy  high_res_1.npy]  meta.json
+
+  A partial-encoder cache (`tuned_blocks` k, for trials that tune the encoder's last k blocks)
+  is the same with ``-prefix<k>`` in the namespace and the frozen prefix's output in the entry
+  (``tokens.npy`` entering block N - k, and for SAM 2 ``stage_<i>.npy``, the outputs of the
+  stages that ended before it, which its FPN neck reads);
 
 - float16 `.npy` files, read memory-mapped (`load`), or copied once into RAM for a process that
   reads them many times (`load_resident`);
@@ -199,23 +204,28 @@ class EmbeddingCache:
     store that holds the same image)."""
 
     def __init__(self, root: Path, backbone_name: str, weights_id: str, input_size: int, prepared_key: str,
-                 *, preprocessing: str = ""):
+                 *, preprocessing: str = "", tuned_blocks: int | None = None):
         prep = f"-p{preprocessing[:8]}" if preprocessing else ""
+        prefix = "" if tuned_blocks is None else f"-prefix{int(tuned_blocks)}"
         self.root = Path(root)
-        self.namespace = self.root / "embeddings" / backbone_name / f"{weights_id[:16]}-s{input_size}{prep}"
+        self.namespace = self.root / "embeddings" / backbone_name / f"{weights_id[:16]}-s{input_size}{prep}{prefix}"
         self.prepared_key = prepared_key
+        self.tuned_blocks = tuned_blocks
         self.counts = EncodeCounts()
 
     @classmethod
-    def for_backbone(cls, root: Path, backbone, prepared_key: str) -> EmbeddingCache:
-        return cls.for_model(root, backbone.spec, backbone.weights_id, backbone.input_size, prepared_key)
+    def for_backbone(cls, root: Path, backbone, prepared_key: str, tuned_blocks: int | None = None) -> EmbeddingCache:
+        return cls.for_model(root, backbone.spec, backbone.weights_id, backbone.input_size, prepared_key, tuned_blocks)
 
     @classmethod
-    def for_model(cls, root: Path, spec, weights_id: str, input_size: int, prepared_key: str) -> EmbeddingCache:
+    def for_model(cls, root: Path, spec, weights_id: str, input_size: int, prepared_key: str,
+                  tuned_blocks: int | None = None) -> EmbeddingCache:
         """The cache of a model named by its spec, weights id and input size, without building it
-        (what the driver checks before it starts any encode worker)."""
+        (what the driver checks before it starts any encode worker). With `tuned_blocks` k, the
+        partial-encoder cache: the frozen prefix's output before the encoder's last k blocks
+        (`Backbone.cache_features`), in a namespace of its own beside the embeddings'."""
         return cls(root, spec.name, weights_id, input_size, prepared_key,
-                   preprocessing=preprocessing_id(spec, input_size))
+                   preprocessing=preprocessing_id(spec, input_size), tuned_blocks=tuned_blocks)
 
     # --- one entry ------------------------------------------------------------------------------
 
@@ -435,7 +445,7 @@ class EmbeddingCache:
                 batch = group[start:start + batch_size]
                 images = np.stack([dataset.load(r)[0] for r in batch])
                 with torch.no_grad():
-                    features = backbone.encode(backbone.preprocess(images))
+                    features = backbone.cache_features(backbone.preprocess(images), self.tuned_blocks)
                 features = {name: value.to("cpu", torch.float32).numpy() for name, value in features.items()}
                 for row, record in enumerate(batch):
                     self.write(record, {name: value[row] for name, value in features.items()})

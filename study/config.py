@@ -210,6 +210,12 @@ class FactorsSection(_Section):
     train_prompt_encoder: tuple[bool, ...] = (False,)
     iou_loss_weight: Number = (1.0,)  # SAM, SAM 2 and micro-sam regress the IoU head with weight 1
     train_clicks: tuple[int, ...] = (0,)  # corrective-click sub-iterations per training step
+    # what trains besides the decoder (trainables/backbones/adaptation.py): decoder | late_blocks | lora | full
+    adaptation: tuple[Literal["decoder", "late_blocks", "lora", "full"], ...] = ("decoder",)
+    adapt_blocks: tuple[int, ...] = (2,)  # late_blocks, and lora with lora_blocks: last
+    lora_rank: tuple[int, ...] = (8,)
+    lora_alpha: Number = (8.0,)
+    lora_blocks: tuple[Literal["all", "last"], ...] = ("all",)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -218,7 +224,7 @@ class FactorsSection(_Section):
             return value
         return _as_axis(value)
 
-    @field_validator("epochs", "batch_size", "grad_accum")
+    @field_validator("epochs", "batch_size", "grad_accum", "adapt_blocks", "lora_rank")
     @classmethod
     def _positive(cls, values):
         for v in values:
@@ -226,7 +232,7 @@ class FactorsSection(_Section):
                 raise ValueError(f"must be at least 1, got {v}")
         return values
 
-    @field_validator("lr", "weight_decay", "momentum", "iou_loss_weight", "warmup_epochs", "train_clicks")
+    @field_validator("lr", "weight_decay", "momentum", "iou_loss_weight", "warmup_epochs", "train_clicks", "lora_alpha")
     @classmethod
     def _non_negative(cls, values, info):
         if isinstance(values, Range):
@@ -310,12 +316,49 @@ class UNetResources(_Section):
     gpus_per_trial: float = Field(1, ge=0)  # a whole GPU; on a cluster without GPUs the trials use none
 
 
+Adaptation = Literal["decoder", "late_blocks", "lora", "full"]
+
+
 class ResourcesSection(_Section):
+    """Where trials run. `gpus_per_trial` is one number, or one per adaptation arm (a decoder trial
+    needs a fraction of a GPU, an encoder trial a whole one or more). A trial with more than one
+    GPU is data-parallel over `workers_per_trial` workers (default: its GPU count), one GPU each;
+    `workers_per_trial` > 1 without GPUs runs data-parallel on CPU (the gloo backend)."""
+
     cpus_per_trial: float = Field(1, gt=0)
-    gpus_per_trial: float = Field(0, ge=0)
+    gpus_per_trial: Union[float, dict[Adaptation, float]] = 0.0
+    workers_per_trial: Union[int, dict[Adaptation, int], None] = None
     unet: UNetResources = UNetResources()  # the U-Net baseline's trials
     max_concurrent: int | None = Field(None, ge=1)
     max_failures: int = Field(2, ge=0)
+
+    @field_validator("gpus_per_trial", "workers_per_trial")
+    @classmethod
+    def _per_arm(cls, value, info):
+        least = 0 if info.field_name == "gpus_per_trial" else 1
+        for number in (value.values() if isinstance(value, dict) else [value]):
+            if number is not None and number < least:
+                raise ValueError(f"must be at least {least}, got {number}")
+        if info.field_name == "gpus_per_trial" and not isinstance(value, dict):
+            return float(value)  # an int stays what the schema says (a float), also when written back
+        return value
+
+    def gpus_for(self, adaptation: str) -> float:
+        """GPUs one trial of `adaptation` asks for."""
+        gpus = self.gpus_per_trial
+        return float(gpus.get(adaptation, 0) if isinstance(gpus, dict) else gpus)
+
+    def workers_for(self, adaptation: str) -> int:
+        """Data-parallel workers of one trial of `adaptation`: as set, else one per GPU (at least one)."""
+        workers = self.workers_per_trial
+        if isinstance(workers, dict):
+            workers = workers.get(adaptation)
+        return int(workers) if workers is not None else max(1, int(self.gpus_for(adaptation)))
+
+    @property
+    def most_gpus(self) -> float:
+        gpus = self.gpus_per_trial
+        return float(max(gpus.values(), default=0) if isinstance(gpus, dict) else gpus)
 
 
 class RaySection(_Section):
@@ -553,11 +596,36 @@ def _check_consistency(config: StudyConfig, source: str, lines: dict) -> None:
         raise UserError(f"{_where(source, lines, ('factors', 'prompt'))}: the `file` prompt reads external "
                         f"prompts, but prompts.file is not set. Add prompts.file: the CSV or JSON of boxes "
                         f"or points keyed by image id.")
+    _check_adaptation(config, source, lines)
     want = {"max": ("val_dice", "val_iou"), "min": ("val_loss", "train_loss")}
     if config.search.metric not in want[config.search.mode]:
         raise UserError(f"{_where(source, lines, ('search', 'mode'))}: search.mode = {config.search.mode!r} "
                         f"does not fit search.metric = {config.search.metric!r}: Dice and IoU are maximised, "
                         f"losses minimised.")
+
+
+def _check_adaptation(config: StudyConfig, source: str, lines: dict) -> None:
+    """adapt_blocks must fit every backbone's encoder where it is used; per-arm resources must
+    name every arm the study trains."""
+    from trainables.backbones import get_spec
+
+    factors = config.factors
+    uses_blocks = "late_blocks" in factors.adaptation or ("lora" in factors.adaptation and "last" in factors.lora_blocks)
+    if uses_blocks:
+        for backbone in factors.backbone:
+            depth = get_spec(backbone).encoder_blocks
+            for blocks in factors.adapt_blocks:
+                if blocks > depth:
+                    raise UserError(f"{_where(source, lines, ('factors', 'adapt_blocks'))}: factors.adapt_blocks = "
+                                    f"{blocks}, but {backbone}'s image encoder has {depth} blocks. Tune at most "
+                                    f"{depth} (all of them is the `full` adaptation, or lora with lora_blocks: all).")
+    for key in ("gpus_per_trial", "workers_per_trial"):
+        value = getattr(config.resources, key)
+        missing = [arm for arm in factors.adaptation if isinstance(value, dict) and arm not in value]
+        if missing:
+            raise UserError(f"{_where(source, lines, ('resources', key))}: resources.{key} is given per adaptation "
+                            f"but has no entry for {', '.join(missing)}, which factors.adaptation trains. Add "
+                            f"{missing[0]}: <number> to it, or give one number for every trial.")
 
 
 # --- the resolved config ---------------------------------------------------------------------

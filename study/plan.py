@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from search_spaces.grid import grid_axes, grid_cells
@@ -42,6 +43,37 @@ class StudyPlan:
     @property
     def missing_weights(self) -> list[dict]:
         return [row for row in self.weights if not row["present"]]
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """What one trial asks Ray for: CPUs, and GPUs and data-parallel workers, each either one
+    number for every trial or one per adaptation arm (`gpus_for`, `workers_for`)."""
+
+    cpus: float
+    gpus: float | dict = 0.0
+    workers: int | dict = 1
+
+    def gpus_for(self, params: dict) -> float:
+        return float(self.gpus[params.get("adaptation", "decoder")] if isinstance(self.gpus, dict) else self.gpus)
+
+    def workers_for(self, params: dict) -> int:
+        return int(self.workers[params.get("adaptation", "decoder")] if isinstance(self.workers, dict) else self.workers)
+
+
+def trial_resources(resources) -> TrialResources:
+    """The fine-tunes' resources from the `resources` section (per adaptation arm)."""
+    arms = ("decoder", "late_blocks", "lora", "full")
+    return TrialResources(resources.cpus_per_trial, {arm: resources.gpus_for(arm) for arm in arms},
+                          {arm: resources.workers_for(arm) for arm in arms})
+
+
+def cached_prefixes(config: StudyConfig) -> list[int]:
+    """The k of every partial-encoder cache the study's trials read: adapt_blocks, for late_blocks
+    and for LoRA on the last blocks (`trainables.backbones.adaptation.Adaptation.source`)."""
+    factors = config.factors
+    reads = "late_blocks" in factors.adaptation or ("lora" in factors.adaptation and "last" in factors.lora_blocks)
+    return sorted(set(factors.adapt_blocks)) if reads else []
 
 
 def study_axes(config: StudyConfig) -> dict[str, tuple]:
@@ -117,6 +149,56 @@ def _unet_line(cfg: StudyConfig) -> str:
             f"{cfg.resources.unet.gpus_per_trial:g} GPU per trial (none where the cluster has no GPU)")
 
 
+def _adaptation_lines(cfg: StudyConfig, plan: StudyPlan) -> list[str]:
+    """Per adaptation arm: what is cached (and its size on disk per image, from a meta-device build
+    of each backbone) and the encoder work per epoch. Empty for a decoder-only study."""
+    from trainables.backbones import get_spec
+    from trainables.backbones.adaptation import Adaptation
+    from trainables.backbones.parameter_counts import cache_entry_shapes
+
+    factors = cfg.factors
+    if factors.adaptation == ("decoder",):
+        return []
+    train = sum(d.slices.get("train", 0) for d in plan.datasets)  # an epoch visits each slice once, as one view
+    val = sum(d.images.get("val", 0) for d in plan.datasets)
+    lines = ["Adaptation (what trains besides the decoder; the encoder work of each trial per epoch):"]
+    for kind in factors.adaptation:
+        for lora_blocks in (factors.lora_blocks if kind == "lora" else ("all",)):
+            for blocks in (factors.adapt_blocks if Adaptation(kind, lora_blocks=lora_blocks).source == "prefix"
+                           else (None,)):
+                arm = Adaptation(kind, blocks or 0, lora_blocks=lora_blocks)
+                label = kind + (f" ({lora_blocks} blocks)" if kind == "lora" else "")
+                if arm.source == "embeddings":
+                    lines.append(f"  {label:<20} cached encoder output; no encoder pass in a trial")
+                elif arm.source == "pixels":
+                    lines.append(f"  {label:<20} no cache: the whole encoder runs in the trial, forward and backward "
+                                 f"on {train} training images and forward on {val} validation images per epoch")
+                else:
+                    sizes = ", ".join(
+                        f"{name} {sum(math.prod(shape) for shape in cache_entry_shapes(name, blocks).values()) * 2 / 1e6:.1f} MB"
+                        for name in factors.backbone)
+                    depth = ", ".join(f"{name} {get_spec(name).encoder_blocks}" for name in factors.backbone)
+                    lines.append(f"  {label + f' k={blocks}':<20} cached prefix before the last {blocks} blocks (float16 "
+                                 f"per image: {sizes}); the {blocks} tuned blocks (of {depth}) and the neck run on "
+                                 f"{train + val} images per epoch")
+    return lines
+
+
+def _resources_line(cfg: StudyConfig) -> str:
+    resources = cfg.resources
+    per_arm = isinstance(resources.gpus_per_trial, dict) or isinstance(resources.workers_per_trial, dict)
+    if per_arm:
+        arms = "; ".join(f"{arm}: {resources.gpus_for(arm):g} GPU, {resources.workers_for(arm)} worker(s)"
+                         for arm in cfg.factors.adaptation)
+        gpus = f"per adaptation ({arms})"
+    else:
+        workers = resources.workers_for(cfg.factors.adaptation[0])
+        gpus = f"{resources.most_gpus:g} GPU" + (f", data-parallel over {workers} workers" if workers > 1 else "")
+    return (f"Resources: {resources.cpus_per_trial:g} CPU and {gpus} per trial, "
+            f"ray {'local instance' if cfg.ray.address is None else cfg.ray.address}, "
+            f"tracking {cfg.tracking.uri or 'SQLite in the study folder'}")
+
+
 def format_plan(plan: StudyPlan) -> str:
     cfg = plan.config
     factors = cfg.factors
@@ -156,18 +238,19 @@ def format_plan(plan: StudyPlan) -> str:
     shared = f" (distinct over the {len(plan.datasets)} targets' {stored} store images)" if several else ""
     lines += [
         f"Encode: {len(factors.backbone)} backbone(s) x {plan.encode_images} images{shared} = "
-        f"{len(factors.backbone) * plan.encode_images} encoder passes, done once and cached",
+        f"{len(factors.backbone) * plan.encode_images} encoder passes, done once and cached"
+        + "".join(f"; and {len(factors.backbone) * plan.encode_images} prefix passes for the partial-encoder cache "
+                  f"before the last {k} blocks" for k in cached_prefixes(cfg)),
         f"Zero-shot evaluations: {plan.zero_shot_evaluations} "
         f"({len(factors.backbone)} backbone(s) x eval prompts {', '.join(factors.eval_prompts())}"
         + (f" x {len(plan.datasets)} targets" if several else "") + ")"
         if cfg.baseline.zero_shot else "Zero-shot evaluations: off",
+        *_adaptation_lines(cfg, plan),
         _unet_line(cfg),
         f"Weights ({cfg.weights.dir}):",
     ]
     for row in plan.weights:
         state = "found" if row["present"] else "MISSING"
         lines.append(f"  {row['name']:<11} {state:<8} {row['file']}" + ("" if row["present"] else f"  <- {row['source']}"))
-    lines.append(f"Resources: {cfg.resources.cpus_per_trial:g} CPU and {cfg.resources.gpus_per_trial:g} GPU per trial, "
-                 f"ray {'local instance' if cfg.ray.address is None else cfg.ray.address}, "
-                 f"tracking {cfg.tracking.uri or 'SQLite in the study folder'}")
+    lines.append(_resources_line(cfg))
     return "\n".join(lines)

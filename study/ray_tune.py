@@ -48,6 +48,7 @@ from foundation.errors import UserError  # noqa: E402
 from foundation.files import write_atomic  # noqa: E402
 from search_spaces.space import SEED_PARAM, SearchPlan, plan_trials, trial_id, with_seeds  # noqa: E402
 from study import stages  # noqa: E402
+from study.plan import TrialResources  # noqa: E402
 
 TUNE_FOLDER = "tune"
 TRIAL_KEY = "trial"  # grid and random trials: the param space is {TRIAL_KEY: grid_search(trials)}
@@ -117,9 +118,9 @@ class _StageWorker:
         self.residency = Residency()
 
     def encode(self, backbone: str, weights: str, prepared_root: str, cache_root: str, image_ids: list,
-               full_check: bool) -> dict:
+               full_check: bool, tuned_blocks: int | None) -> dict:
         return stages.encode_shard(backbone, weights, prepared_root, cache_root, image_ids, residency=self.residency,
-                                   full_check=full_check)
+                                   full_check=full_check, tuned_blocks=tuned_blocks)
 
     def zero_shot(self, backbone: str, prompt: str, target: str | None, context: stages.StudyContext):
         return stages.zero_shot(backbone, prompt, context, node=_node_id(), target=target, residency=self.residency)
@@ -186,11 +187,12 @@ class StageWorkers:
                     raise
                 on_done(index, result)
 
-    def encode(self, jobs: list[tuple[str, str, str, list]], cache_root: str,
+    def encode(self, jobs: list[tuple[str, str, str, list, int | None]], cache_root: str,
                progress: Callable[[int, dict], None], full_check: bool = False) -> None:
-        """One call per (backbone, weights, prepared store, shard of image ids); `progress(images_done,
-        counts)` after each; `full_check` re-hashes existing entries."""
-        self._run([("encode", (b, w, root, cache_root, ids, full_check)) for b, w, root, ids in jobs],
+        """One call per (backbone, weights, prepared store, shard of image ids, tuned blocks: None for
+        the embedding cache, k for a partial-encoder cache); `progress(images_done, counts)` after each;
+        `full_check` re-hashes existing entries."""
+        self._run([("encode", (b, w, root, cache_root, ids, full_check, k)) for b, w, root, ids, k in jobs],
                   lambda i, counts: progress(len(jobs[i][3]), counts))
 
     def zero_shot(self, evaluations: list[tuple[str, str, str | None]], context: stages.StudyContext,
@@ -370,9 +372,61 @@ def _worker_residency(cpus: float, gpus: float):
     return _RESIDENCY
 
 
-def _trainable(config: dict, context: stages.StudyContext, cpus: float, gpus: float):
-    stages.finetune(_flat_params(config), context, report=lambda metrics: tune.report(metrics), node=_node_id(),
-                    residency=_worker_residency(cpus, gpus))
+def _trainable(config: dict, context: stages.StudyContext, resources: TrialResources):
+    params = _flat_params(config)
+    if resources.workers_for(params) > 1:
+        _data_parallel_trial(params, context, resources)
+        return
+    stages.finetune(params, context, report=lambda metrics: tune.report(metrics), node=_node_id(),
+                    residency=_worker_residency(resources.cpus, resources.gpus_for(params)))
+
+
+def _trial_bundle(resources: TrialResources):
+    """Tune's resource request per trial: the trial's CPUs and GPUs, or, for a data-parallel trial,
+    a token CPU for the trial itself (its Ray Train workers ask for the CPUs and GPUs)."""
+
+    def bundle(config: dict) -> tune.PlacementGroupFactory:
+        params = _flat_params(config)
+        if resources.workers_for(params) > 1:
+            return tune.PlacementGroupFactory([{"CPU": DATA_PARALLEL_DRIVER_CPU}])
+        return tune.PlacementGroupFactory([{"CPU": resources.cpus, "GPU": resources.gpus_for(params)}])
+
+    return bundle
+
+
+DATA_PARALLEL_DRIVER_CPU = 0.01  # what a data-parallel trial's own process asks for: it only waits
+
+
+def _data_parallel_worker(config: dict) -> None:
+    """One Ray Train worker of a data-parallel trial: the trial's loop on its shards; every worker
+    reports each epoch (Ray Train takes the first worker's metrics to Tune)."""
+    from ray import train
+
+    stages.finetune(config["params"], config["context"], report=lambda metrics: train.report(metrics),
+                    node=_node_id())
+
+
+def _data_parallel_trial(params: dict, context: stages.StudyContext, resources: TrialResources) -> None:
+    """Run one trial data-parallel with Ray Train's TorchTrainer inside this Tune trial: `workers_for`
+    workers, each with its share of the trial's GPUs (NCCL), or on CPU with gloo. Their epoch
+    reports reach Tune through `TuneReportCallback`, so the scheduler, the ledger and MLflow see
+    one trial, as for a one-worker trial. A worker's failure fails this Tune trial, which Tune
+    retries from the trial's checkpoint (`resources.max_failures`)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    workers, gpus = resources.workers_for(params), resources.gpus_for(params)
+    per_worker = {"CPU": resources.cpus / workers, **({"GPU": gpus / workers} if gpus else {})}
+    trainer = TorchTrainer(
+        _data_parallel_worker,
+        train_loop_config={"params": params, "context": context},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus), resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        run_config=RunConfig(name=trial_id(params), storage_path=str(Path(context.study_dir).resolve() / "train"),
+                             callbacks=[TuneReportCallback()], failure_config=FailureConfig(max_failures=0)),
+    )
+    trainer.fit()
 
 
 class _UserErrorStop(Stopper):
@@ -393,7 +447,7 @@ class _TrialEvents(tune.Callback):
     """Forwards Tune's trial events to the driver's handlers, and runs the test evaluation of the
     trials the scheduler stops as soon as they stop (`finalise`, a task beside the search)."""
 
-    def __init__(self, handlers: "TrialHandlers", context, resources: dict, stopper: _UserErrorStop):
+    def __init__(self, handlers: "TrialHandlers", context, resources: TrialResources, stopper: _UserErrorStop):
         self.handlers, self.context, self.resources, self.stopper = handlers, context, resources, stopper
         self.finalising: dict = {}  # task ref -> params
 
@@ -420,7 +474,8 @@ class _TrialEvents(tune.Callback):
             return
         outcome = self.handlers.on_end(params, error, user_error)
         if outcome == "finalise":
-            ref = _finalise_task.options(**self.resources).remote(params, self.context)
+            gpus = min(self.resources.gpus_for(params), 1.0)  # testing needs one device, not a worker group
+            ref = _finalise_task.options(num_cpus=self.resources.cpus, num_gpus=gpus).remote(params, self.context)
             self.finalising[ref] = params
         elif outcome == "user_error":
             self.stopper.stopped = True
@@ -459,7 +514,7 @@ class TrialHandlers:
     on_finalised: Callable
 
 
-def run_tune(plan: SearchPlan, context: stages.StudyContext, *, cpus: float, gpus: float,
+def run_tune(plan: SearchPlan, context: stages.StudyContext, resources: TrialResources, *,
              max_concurrent: int | None, max_failures: int, handlers: TrialHandlers,
              folder: str = TUNE_FOLDER) -> str | None:
     """Run the plan's trials in the Tune experiment folder `<study>/<folder>`; returns None, or
@@ -473,10 +528,10 @@ def run_tune(plan: SearchPlan, context: stages.StudyContext, *, cpus: float, gpu
     """
     storage = Path(context.study_dir).resolve()
     searcher, space, samples = _searcher_and_space(plan, storage / "results" / "search_state.pkl", max_concurrent)
-    trainable = tune.with_resources(tune.with_parameters(_trainable, context=context, cpus=cpus, gpus=gpus),
-                                    {"cpu": cpus, "gpu": gpus})
+    trainable = tune.with_resources(tune.with_parameters(_trainable, context=context, resources=resources),
+                                    _trial_bundle(resources))
     stopper = _UserErrorStop()
-    events = _TrialEvents(handlers, context, {"num_cpus": cpus, "num_gpus": gpus}, stopper)
+    events = _TrialEvents(handlers, context, resources, stopper)
     tuner = tune.Tuner(
         trainable,
         param_space=space,

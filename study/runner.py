@@ -38,7 +38,7 @@ from study import stages
 from study.config import StudyConfig, config_hash, resolved_dict, write_resolved
 from study.data.prepare import prepare_dataset
 from study.ledger import RUN_STATUS, TrialEntry, TrialLedger
-from study.plan import search_plan, study_axes, unet_plan
+from study.plan import TrialResources, cached_prefixes, search_plan, study_axes, trial_resources, unet_plan
 from study.tracking import StudyTracker, run_name
 from trainables.backbones import BACKBONES, get_spec, read_checkpoint, resolve_weights, weights_id
 from trainables.prompts import load_prompt_file
@@ -52,7 +52,8 @@ REPORT_STAMP = "report.sha256"  # in results/: what the report was last built an
 EPOCH_METRICS = {"train_loss": "train_loss", "val_loss": "val_loss", "val_dice": "val_dice", "val_iou": "val_iou",
                  "seconds": "epoch_seconds"}
 FINAL_METRICS = ("val_dice", "test_dice", "test_iou", "test_miou", "test_hd95", "test_hd95_penalised", "test_nsd",
-                 "test_subjects", "epochs_run", "best_epoch", "seconds", "model_params")  # model_params: a U-Net's
+                 "test_subjects", "epochs_run", "best_epoch", "seconds", "model_params",  # model_params: a U-Net's
+                 "trainable_params", "workers")  # workers: of a data-parallel trial
 
 
 @dataclass
@@ -189,19 +190,18 @@ def _run_locked(config: StudyConfig, plan_text: str, weights: dict, *, fresh: bo
         finally:  # also when Ray fails to start: the parent run then ends FAILED
             tracker = stack.enter_context(opening.result())
         if work_left:
-            warning = idle_gpu_warning(resources, config.resources.gpus_per_trial)
+            warning = idle_gpu_warning(resources, config.resources.most_gpus)
             if warning:
                 print(warning, flush=True)
-            with ray_tune.stage_workers(gpus_wanted=config.resources.gpus_per_trial > 0) as workers:
+            with ray_tune.stage_workers(gpus_wanted=config.resources.most_gpus > 0) as workers:
                 _encode(workers, encode_jobs, cache_hits, context.cache_root, verify_cache)
                 _zero_shot(workers, zero_shot_todo, context, tracker, info)
             if trials_todo:
-                _tune(ray_tune, config, plan, context, tracker, info, config.resources.cpus_per_trial,
-                      config.resources.gpus_per_trial)
+                _tune(ray_tune, config, plan, context, tracker, info, trial_resources(config.resources))
             if unet_todo:  # a whole GPU each by default, none on a cluster without GPUs
                 gpus = config.resources.unet.gpus_per_trial if resources.get("GPU", 0) else 0
-                _tune(ray_tune, config, baseline, context, tracker, info, config.resources.unet.cpus_per_trial, gpus,
-                      folder="tune-unet")
+                _tune(ray_tune, config, baseline, context, tracker, info,
+                      TrialResources(config.resources.unet.cpus_per_trial, gpus), folder="tune-unet")
         else:
             _encode(None, [], cache_hits, context.cache_root, verify_cache)
             print("Every trial and zero-shot evaluation of this study is final in its ledger: nothing to run "
@@ -258,8 +258,10 @@ def encode_keys(datasets: list) -> list[tuple[str, list[tuple[str, int]]]]:
 
 
 def _encode_jobs(config: StudyConfig, datasets: list, weights: dict, cache_root: str,
-                 full_check: bool) -> tuple[list[tuple[str, str, str, list]], int]:
-    """(encode jobs, entries reused). A job is (backbone, weights, prepared store, [(image id, view)]);
+                 full_check: bool) -> tuple[list[tuple[str, str, str, list, int | None]], int]:
+    """(encode jobs, entries reused). A job is (backbone, weights, prepared store, [(image id, view)],
+    tuned blocks): the embedding cache (None), or the partial-encoder cache of the prefix before
+    the last k blocks, for each k the study's late-block and late-LoRA trials read (`cached_prefixes`);
     the jobs cover the entries the cache does not hold verified,
     found here on the driver, every distinct image of the study's stores once (`encode_keys`).
 
@@ -270,27 +272,30 @@ def _encode_jobs(config: StudyConfig, datasets: list, weights: dict, cache_root:
     re-hashed."""
     stores = [(root, keys, dataset, {(r.image_id, r.view): r for r in dataset.records})
               for (root, keys), dataset in zip(encode_keys(datasets), datasets)]
-    todo: list[tuple[str, str, str, list]] = []
+    todo: list[tuple[str, str, str, list, int | None]] = []
     hits = 0
     for name in config.factors.backbone:
         spec, identity = get_spec(name), weights_id(weights[name])
-        for root, keys, dataset, records in stores:
-            cache = EmbeddingCache.for_model(Path(cache_root), spec, identity, spec.input_size, dataset.key)
-            missing = [key for key in keys if full_check or not cache.is_verified(records[key])]
-            hits += len(keys) - len(missing)
-            if missing:
-                todo.append((name, weights[name], root, missing))
+        for tuned_blocks in (None, *cached_prefixes(config)):
+            for root, keys, dataset, records in stores:
+                cache = EmbeddingCache.for_model(Path(cache_root), spec, identity, spec.input_size, dataset.key,
+                                                 tuned_blocks)
+                missing = [key for key in keys if full_check or not cache.is_verified(records[key])]
+                hits += len(keys) - len(missing)
+                if missing:
+                    todo.append((name, weights[name], root, missing, tuned_blocks))
     return todo, hits
 
 
-def _encode(workers, todo: list[tuple[str, str, str, list]], hits: int, cache_root: str, full_check: bool) -> None:
+def _encode(workers, todo: list[tuple[str, str, str, list, int | None]], hits: int, cache_root: str,
+            full_check: bool) -> None:
     """Encode what the driver's check left (`_encode_jobs`): one worker call per shard of at most
     ENCODE_SHARD images, at least one shard per worker."""
     totals = {"hits": hits, "misses": 0, "corrupt": 0}
     if todo:
-        images = sum(len(keys) for *_, keys in todo)
+        images = sum(len(job[3]) for job in todo)
         size = max(1, min(ENCODE_SHARD, -(-images // workers.size())))
-        jobs = [(name, weights, root, keys[i:i + size]) for name, weights, root, keys in todo
+        jobs = [(name, weights, root, keys[i:i + size], tuned) for name, weights, root, keys, tuned in todo
                 for i in range(0, len(keys), size)]
         with tqdm(total=images, desc="encode", unit="img") as bar:
             def progress(images: int, counts: dict) -> None:
@@ -394,10 +399,11 @@ def _trials_todo(plan, ledger: TrialLedger) -> bool:
     return False
 
 
-def _tune(ray_tune, config: StudyConfig, plan, context, tracker: StudyTracker, info: dict, cpus: float, gpus: float,
+def _tune(ray_tune, config: StudyConfig, plan, context, tracker: StudyTracker, info: dict, resources,
           folder: str = "tune") -> None:
-    """Run `plan`'s trials (the fine-tunes, or the U-Net baseline's) in Ray Tune, `cpus` and `gpus`
-    each, in the Tune folder `<study>/<folder>`, with the ledger and MLflow kept up to date."""
+    """Run `plan`'s trials (the fine-tunes, or the U-Net baseline's) in Ray Tune with `resources`
+    (`study.plan.TrialResources`), in the Tune folder `<study>/<folder>`, with the ledger and MLflow
+    kept up to date."""
     ledger = TrialLedger(context.study_dir)
     last_epoch: dict[str, int] = {}
     if plan.algorithm != "optuna":  # the whole trial list is known: every trial starts PENDING
@@ -430,7 +436,7 @@ def _tune(ray_tune, config: StudyConfig, plan, context, tracker: StudyTracker, i
 
     handlers = ray_tune.TrialHandlers(on_start=on_start, on_epoch=on_epoch, on_end=on_end, on_crash=on_crash,
                                       on_finalised=lambda entry: _finish(tracker, entry, info))
-    outcome = ray_tune.run_tune(plan, context, cpus=cpus, gpus=gpus, folder=folder,
+    outcome = ray_tune.run_tune(plan, context, resources, folder=folder,
                                 max_concurrent=config.resources.max_concurrent,
                                 max_failures=config.resources.max_failures, handlers=handlers)
     if outcome == "user_error":

@@ -78,11 +78,13 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 def encode_shard(backbone_name: str, weights: str, prepared_root: str, cache_root: str,
-                 image_ids: list[tuple[str, int]], residency=None, full_check: bool = False) -> dict:
+                 image_ids: list[tuple[str, int]], residency=None, full_check: bool = False,
+                 tuned_blocks: int | None = None) -> dict:
     """Fill the embedding cache for some images of one prepared store; returns hit/miss/corrupt counts
     (per distinct image: an image another store holds too is a hit once encoded for either).
     `residency` (a worker's `trainables.residency.Residency`) keeps the built backbone for the next shard;
-    `full_check` re-hashes entries that were verified before (`EmbeddingCache.ensure`)."""
+    `full_check` re-hashes entries that were verified before (`EmbeddingCache.ensure`); `tuned_blocks`
+    k fills the partial-encoder cache of the prefix before the last k blocks instead."""
     from trainables.residency import Residency, retain_freed_memory
 
     retain_freed_memory()  # as a trial does: large activations without page faults
@@ -90,7 +92,7 @@ def encode_shard(backbone_name: str, weights: str, prepared_root: str, cache_roo
     wanted = set(map(tuple, image_ids))
     records = [r for r in dataset.records if (r.image_id, r.view) in wanted]
     backbone = (residency or Residency()).backbone(backbone_name, weights, None, _device())
-    cache = EmbeddingCache.for_backbone(Path(cache_root), backbone, dataset.key)
+    cache = EmbeddingCache.for_backbone(Path(cache_root), backbone, dataset.key, tuned_blocks)
     return asdict(cache.ensure(backbone, dataset, records, verify=True, full_check=full_check, progress=False))
 
 
@@ -181,7 +183,7 @@ def zero_shot(backbone_name: str, prompt: str, context: StudyContext, node: str 
 
 
 def finetune(params: dict, context: StudyContext, report: Callable[[dict], None], node: str | None = None,
-             residency=None) -> TrialEntry:
+             residency=None) -> TrialEntry | None:
     """One trial: resume from its checkpoint, report every epoch, test, save its outputs.
 
     A decoder fine-tune (`trainables.trial.run_trial`), or a U-Net baseline trial
@@ -194,7 +196,12 @@ def finetune(params: dict, context: StudyContext, report: Callable[[dict], None]
     and its entry says TERMINATED, so a scheduler that stops the trial at that report (ASHA at
     max_t) stops a finished trial. A non-finite loss, or a user error, ends the trial as ERROR
     with the reason.
+
+    In a data-parallel trial every worker calls this (`trainables.distributed`): the first one
+    keeps the ledger and writes the outputs, the others follow its ledger entry, train their shards
+    and report the same epochs; they return None.
     """
+    from trainables import distributed
     from dataclasses import replace
 
     from trainables.fine_tune import TrialFailed
@@ -204,7 +211,8 @@ def finetune(params: dict, context: StudyContext, report: Callable[[dict], None]
     name = trial_id(params)
     stage = trial_stage(params)
     ledger = TrialLedger(context.study_dir)
-    entry = ledger.start(name, stage, params, node)
+    main = distributed.is_main()
+    entry = distributed.from_main(ledger.start(name, stage, params, node) if main else None)
     folder = ledger.folder(name)
     if not entry.to_run:
         last = _last_epoch(folder) if entry.status != TrialStatus.ERROR else None
@@ -227,21 +235,22 @@ def finetune(params: dict, context: StudyContext, report: Callable[[dict], None]
             result = run_trial(spec, dataset, Path(context.cache_root), checkpoint_dir=folder / "checkpoint",
                                on_epoch=on_epoch, residency=residency)
     except TrialFailed as failure:
-        return ledger.fail(name, str(failure))
+        return ledger.fail(name, str(failure)) if main else None
     except UserError as error:
-        return ledger.fail(name, str(error), user_error=True)
-    _save_outputs(folder, result)
-    stopped = entry.stop_after is not None and result.summary["epochs_run"] < params.get("epochs", spec.epochs)
-    entry = ledger.finish(name, TrialStatus.STOPPED_EARLY if stopped else TrialStatus.TERMINATED, result.summary)
+        return ledger.fail(name, str(error), user_error=True) if main else None
+    if main:
+        _save_outputs(folder, result)
+        stopped = entry.stop_after is not None and result.summary["epochs_run"] < params.get("epochs", spec.epochs)
+        entry = ledger.finish(name, TrialStatus.STOPPED_EARLY if stopped else TrialStatus.TERMINATED, result.summary)
     if result.history:
         report({**result.history[-1], "trial_id": name})
-    return entry
+    return entry if main else None
 
 
 # --- the study's tables -------------------------------------------------------------------------
 
-RESULT_COLUMNS = ["epochs_run", "val_dice", "test_dice", "test_iou", "test_miou", "test_hd95", "test_hd95_penalised",
-                  "test_nsd", "test_subjects", "seconds"]
+RESULT_COLUMNS = ["trainable_params", "epochs_run", "val_dice", "test_dice", "test_iou", "test_miou", "test_hd95",
+                  "test_hd95_penalised", "test_nsd", "test_subjects", "seconds"]
 
 
 def collect_results(study_dir: Path, factor_names: list[str], model_info: dict) -> dict[str, int]:

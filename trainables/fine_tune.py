@@ -78,7 +78,9 @@ import torch
 
 from foundation.embedding_cache import EmbeddingCache
 from foundation.prepared_store import PreparedDataset, SliceRecord
+from trainables import distributed
 from trainables.backbones import Backbone
+from trainables.backbones.adaptation import Adaptation
 from trainables.clicks import Click, corrective_click
 from trainables.decoding import decode_rows, lowest_loss_and_mask, rows_for, seeded_rng
 from trainables.losses import build_loss, iou_head_loss
@@ -117,6 +119,11 @@ class TrialSpec:
     swa: bool = False
     multimask: str = "single"
     train_prompt_encoder: bool = False
+    adaptation: str = "decoder"  # what else trains: trainables.backbones.adaptation
+    adapt_blocks: int = 2
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_blocks: str = "all"
     iou_loss_weight: float = 1.0  # the IoU head that ranks three masks is trained (SAM: weight 1)
     train_clicks: int = 0  # corrective-click sub-iterations per training step (random rule)
     seed: int = 0  # the study seed: evaluation prompts
@@ -133,6 +140,13 @@ class TrialSpec:
     deep_supervision: bool = False  # the U-Net baseline only (trainables.unet)
     image_encoder: bool = True  # False: built without it (the study's trials, on a filled cache)
     device: str = "cpu"
+
+    @property
+    def adaptation_arm(self) -> Adaptation:
+        """The adaptation of a fine-tune; a zero-shot evaluation trains nothing (the decoder arm)."""
+        if self.stage == "zero_shot":
+            return Adaptation()
+        return Adaptation(self.adaptation, self.adapt_blocks, self.lora_rank, self.lora_alpha, self.lora_blocks)
 
     @property
     def primary_eval_prompt(self) -> str:
@@ -158,8 +172,10 @@ class MappedEmbeddings:
 
 
 class EncoderInTheLoop:
-    """Features computed by the frozen image encoder for every batch, under `no_grad`: what the
-    usual fine-tuning scripts do, and the baseline of benchmarks/cache_speedup.py.
+    """What a cache entry holds, computed by the frozen encoder for every batch under `no_grad`:
+    what the usual fine-tuning scripts do, and the baseline of benchmarks/cache_speedup.py (the
+    encoder's output) and benchmarks/adaptation_cost.py (with `tuned_blocks`, the frozen prefix's
+    output, `Backbone.cache_features`).
 
     The batch's images are read from the prepared store and encoded together, or in chunks of at
     most `max_batch` images (SAM's ViT-B at 1024 pixels needs about 3 GB of CPU memory per image in
@@ -167,19 +183,34 @@ class EncoderInTheLoop:
     fine-tune fed by this source trains on the same numbers as one fed by the cache.
     """
 
-    def __init__(self, backbone: Backbone, dataset: PreparedDataset, max_batch: int | None = None):
+    def __init__(self, backbone: Backbone, dataset: PreparedDataset, max_batch: int | None = None,
+                 tuned_blocks: int | None = None):
         self.backbone = backbone
         self.dataset = dataset
         self.max_batch = max_batch
+        self.tuned_blocks = tuned_blocks
 
     def batch(self, records: list[SliceRecord], device: str | torch.device) -> dict[str, torch.Tensor]:
         size = self.max_batch or len(records)
         parts = []
         for start in range(0, len(records), size):
             images = np.stack([self.dataset.load(r)[0] for r in records[start:start + size]])
-            with torch.no_grad():
-                parts.append(self.backbone.encode(self.backbone.preprocess(images)))
+            parts.append(self.backbone.cache_features(self.backbone.preprocess(images), self.tuned_blocks))
         return {name: torch.cat([part[name] for part in parts]).half().to(device).float() for name in parts[0]}
+
+
+class EncoderInput:
+    """The encoder's input images, ``{"pixels": (N, 3, S, S)}``, for trials whose whole encoder runs
+    in the loop (`Adaptation.source` pixels: LoRA on every block, full fine-tuning): nothing of
+    the encoder can be cached, so nothing is."""
+
+    def __init__(self, backbone: Backbone, dataset: PreparedDataset):
+        self.backbone = backbone
+        self.dataset = dataset
+
+    def batch(self, records: list[SliceRecord], device: str | torch.device) -> dict[str, torch.Tensor]:
+        images = np.stack([self.dataset.load(r)[0] for r in records])
+        return {"pixels": self.backbone.preprocess(images).to(device)}
 
 
 def prompt_for(spec: TrialSpec, settings: PromptSettings, external: dict | None, mask: np.ndarray,
@@ -228,17 +259,24 @@ def optimizer_steps(spec: TrialSpec, batches: list[list], batch_loss: Callable[[
     """One epoch's training steps with gradient accumulation: each group of `spec.grad_accum`
     batches averages its batch losses (a last, shorter group over its own size), then one optimizer
     and schedule step. The loss is checked once per step, before it, so a non-finite value never
-    reaches the weights (`TrialFailed`, naming the trial, epoch and step, then `advice`). Returns
-    (the mean training loss per image, the optimizer steps taken)."""
+    reaches the weights (`TrialFailed`, naming the trial, epoch and step, then `advice`). In a
+    data-parallel trial each worker trains on its shard of every batch and the gradients and
+    losses are summed over the workers (`trainables.distributed`). Returns (the mean training loss
+    per image, the optimizer steps taken)."""
     total, seen, steps = torch.zeros((), device=spec.device), 0, 0
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
     for start in range(0, len(batches), spec.grad_accum):
         group = batches[start:start + spec.grad_accum]
         group_loss = torch.zeros((), device=spec.device)
         for batch in group:
-            loss = batch_loss(batch)
-            (loss / len(group)).backward()
-            group_loss += loss.detach() * len(batch)
+            part = distributed.shard(batch)  # the whole batch in a one-worker trial
+            if part:
+                loss = batch_loss(part)
+                (loss * (len(part) / len(batch)) / len(group)).backward()
+                group_loss += loss.detach() * len(part)
+        distributed.sum_gradients(parameters)
+        group_loss = distributed.sum_tensor(group_loss)
         if not torch.isfinite(group_loss):  # the one host sync per optimizer step
             optimizer.zero_grad(set_to_none=True)
             raise TrialFailed(
@@ -300,8 +338,10 @@ class DecoderFineTune:
             self.views[record.image_id].append(record)
         self.optimizer = self.schedule = None
         self.optimizer_steps = 0
+        self.trainable_params = 0
         if self.epochs:
             parameters = backbone.trainable_parameters(spec.train_prompt_encoder)
+            self.trainable_params = sum(parameter.numel() for parameter in parameters)
             self.optimizer = build_optimizer(spec.optimizer, parameters, spec.lr, spec.weight_decay, spec.momentum)
             steps = self.steps_per_epoch()
             self.schedule = build_schedule(spec.schedule, self.optimizer, steps * self.epochs,
@@ -339,6 +379,11 @@ class DecoderFineTune:
         originals = [views[0] for views in self.views.values()]
         return max(math.ceil(len(self.batches(originals, None)) / self.spec.grad_accum), 1)
 
+    def features(self, batch: list[SliceRecord]) -> dict[str, torch.Tensor]:
+        """The decoder's features of `batch`: the source's, through the encoder blocks the trial
+        tunes (`Backbone.adapted_features`; nothing for the decoder arm)."""
+        return self.backbone.adapted_features(self.embeddings.batch(batch, self.spec.device))
+
     def forward(self, batch: list[SliceRecord], prompt_name: str, epoch: int | None, *,
                 prompts: list[Prompt] | None = None, features: dict[str, torch.Tensor] | None = None,
                 mask_input: torch.Tensor | None = None) -> Decoded:
@@ -350,7 +395,7 @@ class DecoderFineTune:
         the prompts; the features are read once per batch); `mask_input` (N,1,h,w) is fed back.
         """
         spec, device = self.spec, self.spec.device
-        features = self.embeddings.batch(batch, device) if features is None else features
+        features = self.features(batch) if features is None else features
         hw = (batch[0].height, batch[0].width)
         prompts = self.prompts(batch, prompt_name, epoch) if prompts is None else prompts
         rows = rows_for(prompts, [hw] * len(batch), self.backbone)
@@ -375,11 +420,11 @@ class DecoderFineTune:
         chosen = [views[pick] for views, pick in zip(self.views.values(), picks)]
         batches = self.batches(chosen, rng)
         click_rng = seeded_rng(spec.seed, "train", spec.train_seed, "epoch", epoch, "clicks")
-        self.backbone.model.train()
+        self.backbone.train_mode(True)
         loss, steps = optimizer_steps(spec, batches, lambda batch: self.training_loss(batch, epoch, click_rng),
                                       self.optimizer, self.schedule, epoch, "A lower learning rate usually helps.")
         self.optimizer_steps += steps
-        self.backbone.model.eval()
+        self.backbone.train_mode(False)
         return loss
 
     def step_loss(self, out: Decoded) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,7 +448,7 @@ class DecoderFineTune:
         loss is the mean over the 1 + train_clicks passes.
         """
         spec = self.spec
-        features = self.embeddings.batch(batch, spec.device)
+        features = self.features(batch)
         prompts = self.prompts(batch, spec.prompt, epoch)
         out = self.forward(batch, spec.prompt, epoch, prompts=prompts, features=features)
         total, picks = self.step_loss(out)
@@ -433,10 +478,10 @@ class DecoderFineTune:
         `spec.clicks` clicks after the prompt; its click 0 is the prediction scored here).
         """
         rows, loss_sum = [], torch.zeros((), device=self.spec.device)
-        self.backbone.model.eval()
+        self.backbone.train_mode(False)
         with torch.no_grad():
             for batch in self.batches(records, None, max(self.spec.batch_size, EVAL_BATCH_SIZE)):
-                features = self.embeddings.batch(batch, self.spec.device)
+                features = self.features(batch)
                 prompts = self.prompts(batch, prompt_name, None)
                 out = self.forward(batch, prompt_name, None, prompts=prompts, features=features)
                 loss_sum += self.loss_fn(out.logits, out.target) * len(batch)
@@ -498,20 +543,20 @@ class DecoderFineTune:
     # --- checkpoints
 
     def state_dict(self) -> dict:
-        return {"decoder": self.backbone.decoder_state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"trained": self.backbone.trained_state_dict(), "optimizer": self.optimizer.state_dict(),
                 "optimizer_steps": self.optimizer_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore decoder and optimizer; the schedule continues at the saved step count (of this
-        spec's schedule, so a resumed trial with more epochs follows the longer schedule)."""
-        self.backbone.load_decoder_state_dict(state["decoder"])
+        """Restore the trained weights and the optimizer; the schedule continues at the saved step
+        count (of this spec's schedule, so a resumed trial with more epochs follows the longer schedule)."""
+        self.backbone.load_trained_state_dict(state["trained"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.optimizer_steps = state["optimizer_steps"]
         resume_schedule(self.schedule, self.optimizer_steps)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """The trained weights (the decoder's), for the best epoch and SWA (`trainables.trial`)."""
-        return self.backbone.decoder_state_dict()
+        """The trained weights (`Backbone.trained_state_dict`), for the best epoch and SWA (`trainables.trial`)."""
+        return self.backbone.trained_state_dict()
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        self.backbone.load_decoder_state_dict(state)
+        self.backbone.load_trained_state_dict(state)

@@ -122,13 +122,13 @@ class Residency:
         if key in self.backbones:
             self.backbones.move_to_end(key)
             backbone, pristine = self.backbones[key]
-            backbone.load_decoder_state_dict(pristine)
+            backbone.load_trained_state_dict(pristine)
             for parameter in backbone.model.parameters():
                 parameter.grad = None
             backbone.model.eval()
             return backbone
         backbone = build(name, weights, input_size, device, image_encoder)
-        self.backbones[key] = (backbone, backbone.decoder_state_dict())
+        self.backbones[key] = (backbone, backbone.trained_state_dict())
         while len(self.backbones) > MAX_RESIDENT_BACKBONES:
             self.backbones.popitem(last=False)
         return backbone

@@ -1,11 +1,15 @@
-"""The trial: fine-tune a backbone's mask decoder on cached image embeddings, then evaluate it.
+"""The trial: fine-tune a backbone on cached encoder features, then evaluate it.
 
 `run_trial(spec, dataset, cache_root)` is what one trial computes, as a plain function (no Ray):
-the study runs it in a Ray Tune trainable, tests and benchmarks call it directly. The image
-encoder never runs here except to fill missing cache entries; every training step is one batched
-mask-decoder pass over cached embeddings (`trainables.fine_tune.DecoderFineTune`, whose
-docstring states the training and evaluation conventions). A worker that runs many trials passes
-its `Residency` (trainables/residency.py) so backbones, embeddings and masks are kept between them.
+the study runs it in a Ray Tune trainable, tests and benchmarks call it directly. What runs in a
+trial follows its adaptation (`trainables.backbones.adaptation`): for the decoder arm the image
+encoder never runs here except to fill missing cache entries, and every training step is one
+batched mask-decoder pass over cached embeddings; late_blocks (and LoRA on the last blocks) read
+the frozen prefix's cached output and run the tuned blocks, the neck and the decoder; LoRA on
+every block and full fine-tuning run the whole encoder (`trainables.fine_tune.DecoderFineTune`,
+whose docstring states the training and evaluation conventions). A worker that runs many trials
+passes its `Residency` (trainables/residency.py) so backbones, embeddings and masks are kept
+between them (a trial that trains encoder weights builds its own model).
 `train_and_test(trainer, epochs)` is the loop itself, for any `Trainer`: the U-Net baseline
 (`trainables.unet.run_unet_trial`) is trained, checkpointed, selected and tested by it too.
 
@@ -34,8 +38,10 @@ import torch
 from foundation.embedding_cache import EmbeddingCache
 from foundation.files import atomic_path
 from foundation.prepared_store import PreparedDataset
+from trainables import distributed
 from trainables.evaluation import evaluate_on_test
-from trainables.fine_tune import DecoderFineTune, EmbeddingSource, MappedEmbeddings, TrialSpec, mean_metric
+from trainables.fine_tune import (DecoderFineTune, EmbeddingSource, EncoderInput, MappedEmbeddings, TrialSpec,
+                                  mean_metric)
 from trainables.residency import Residency, build, retain_freed_memory
 
 log = logging.getLogger(__name__)
@@ -92,6 +98,8 @@ def load_checkpoint(checkpoint_dir: Path, device: str) -> dict | None:
                 raise ValueError("it is not a checkpoint of this trial format")
             return state
         except Exception as error:  # a truncated zip, a pickle error, a wrong format: all mean "unusable"
+            if not distributed.is_main():  # the first worker moves it aside; this one reads what it reads
+                continue
             aside = path.with_name(path.name + ".unreadable")
             os.replace(path, aside)
             log.warning("The checkpoint %s cannot be read (%s); it was moved to %s and the trial continues from %s.",
@@ -121,29 +129,39 @@ def run_trial(spec: TrialSpec, dataset: PreparedDataset, cache_root: Path, *, ch
     `TrialFailed` when the loss becomes non-finite.
     """
     started = time.perf_counter()
+    arm = spec.adaptation_arm
     if residency is not None:
         retain_freed_memory()
+    if residency is not None and arm.kind == "decoder":
         backbone = residency.backbone(spec.backbone, spec.weights, spec.input_size, spec.device, spec.image_encoder)
-    else:
-        backbone = build(spec.backbone, spec.weights, spec.input_size, spec.device, spec.image_encoder)
+    else:  # a trial that trains encoder weights (or adds LoRA to them) has a model of its own
+        backbone = build(spec.backbone, spec.weights, spec.input_size, spec.device,
+                         spec.image_encoder or arm.kind != "decoder")
+    backbone.adapt(arm)
     backbone.use_official_inference(spec.stage == "zero_shot")
-    cache = EmbeddingCache.for_backbone(Path(cache_root), backbone, dataset.key)
     train = dataset.records_for("train", views=True)
     val, test = dataset.records_for("val"), dataset.records_for("test")
     epochs = 0 if spec.stage == "zero_shot" else spec.epochs
     needed = (train if epochs else []) + val + test
 
-    held = residency.held_embeddings(cache) if residency is not None else None
-    from_memory = held is not None and held.covers(needed)
-    if not from_memory:
-        cache.ensure(backbone, dataset, needed, verify=False, progress=progress)
-    embeddings: EmbeddingSource | None = residency.resident_embeddings(cache, needed) if residency else None
-    if embeddings is None:
-        embeddings = MappedEmbeddings(cache)
+    summary = {}
+    if arm.source == "pixels":
+        embeddings: EmbeddingSource = EncoderInput(backbone, dataset)
+    else:
+        cache = EmbeddingCache.for_backbone(Path(cache_root), backbone, dataset.key, arm.cached_blocks)
+        held = residency.held_embeddings(cache) if residency is not None else None
+        from_memory = held is not None and held.covers(needed)
+        if not from_memory:
+            cache.ensure(backbone, dataset, needed, verify=False, progress=progress)
+        resident = residency.resident_embeddings(cache, needed) if residency else None
+        embeddings = MappedEmbeddings(cache) if resident is None else resident
+        summary["cache"] = {**asdict(cache.counts), "from_memory": from_memory}
     masks = residency.masks_of(dataset) if residency is not None else None
     fine_tune = DecoderFineTune(spec, dataset, backbone, embeddings, epochs=epochs, masks=masks)
+    summary["trainable_params"] = fine_tune.trainable_params
+    summary["workers"] = distributed.world_size()
     return train_and_test(fine_tune, epochs, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, progress=progress,
-                          started=started, summary={"cache": {**asdict(cache.counts), "from_memory": from_memory}})
+                          started=started, summary=summary)
 
 
 class Trainer(Protocol):
@@ -207,7 +225,7 @@ def train_and_test(trainer: Trainer, epochs: int, *, checkpoint_dir: Path | None
             best = {"epoch": epoch, "value": value, "state": trainer.weights()}
         if averaging:
             trainer.load_weights(live)
-        if checkpoint_dir:
+        if checkpoint_dir and distributed.is_main():
             save_checkpoint(checkpoint_dir, {
                 **trainer.state_dict(), "epoch": epoch, "history": history, "best_epoch": best["epoch"],
                 "best_value": best["value"], "best_state": best["state"], "swa_state": swa_state,
@@ -218,7 +236,7 @@ def train_and_test(trainer: Trainer, epochs: int, *, checkpoint_dir: Path | None
             print(f"[{spec.trial_id}] epoch {epoch}/{epochs} train_loss {metrics['train_loss']:.4f} "
                   f"val_dice {metrics['val_dice']:.4f} ({metrics['seconds']:.1f}s)", flush=True)
 
-    if checkpoint_dir and history:
+    if checkpoint_dir and history and distributed.is_main():
         save_torch(best["state"], checkpoint_dir / trainer.best_file)
     trainer.load_weights(best["state"])
     val_rows = trainer.evaluate(val, eval_prompt, full=False)[0] if not history else []

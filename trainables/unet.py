@@ -266,4 +266,4 @@ def run_unet_trial(spec: TrialSpec, dataset: PreparedDataset, *, checkpoint_dir:
     The summary also holds `model_params`, the network's parameter count."""
     trainer = UNetTrainer(spec, dataset)
     return train_and_test(trainer, spec.epochs, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch, progress=progress,
-                          summary={"model_params": trainer.parameter_count})
+                          summary={"model_params": trainer.parameter_count, "trainable_params": trainer.parameter_count})

@@ -436,18 +436,18 @@ def test_trainable_parts_and_decoder_state_round_trip(small_backbone):
     assert all(p.requires_grad for p in sam2.prompt_encoder.parameters())
     sam2.trainable_parameters(train_prompt_encoder=False)
 
-    state = sam2.decoder_state_dict()
+    state = sam2.trained_state_dict()
     assert not any(key.startswith(("mask_decoder.conv_s0", "mask_decoder.conv_s1")) for key in state)
     assert any(key.startswith("prompt_encoder.") for key in state)
     trained = {key: value + 0.5 if value.is_floating_point() else value for key, value in state.items()}
     fresh = build_backbone("sam2_t", RANDOM_WEIGHTS, input_size=SMALL)
-    fresh.load_decoder_state_dict(trained)
-    restored = fresh.decoder_state_dict()
+    fresh.load_trained_state_dict(trained)
+    restored = fresh.trained_state_dict()
     assert restored.keys() == trained.keys()
     assert all(torch.equal(restored[key], value) for key, value in trained.items())
     assert torch.equal(fresh.mask_decoder.conv_s0.weight, sam2.mask_decoder.conv_s0.weight)
     with pytest.raises(UserError, match="another backbone"):
-        fresh.load_decoder_state_dict(small_backbone("sam_b").decoder_state_dict())
+        fresh.load_trained_state_dict(small_backbone("sam_b").trained_state_dict())
 
 
 def test_param_counts_of_a_built_model(small_backbone):

@@ -143,15 +143,15 @@ def test_random_backbones_train_with_every_option(backbone, phantom_dataset):
                        swa=True, iou_loss_weight=0.5, schedule="cosine", warmup_epochs=1)
     residency = Residency()
     backbone = residency.backbone(spec.backbone, spec.weights, spec.input_size, spec.device, image_encoder=True)
-    pristine = backbone.decoder_state_dict()
+    pristine = backbone.trained_state_dict()
     result = run_trial(spec, dataset, config.cache_dir, residency=residency)
     assert len(result.history) == 1 and all(math.isfinite(v) for v in result.history[0].values())
     assert {row["prompt"] for row in result.per_image} == {"box_per_component", "points_pos_neg"}
     assert len(result.per_image) == 2 * len(dataset.records_for("test"))
-    assert _differs(pristine, backbone.decoder_state_dict())  # it trained (and kept the SWA weights)
+    assert _differs(pristine, backbone.trained_state_dict())  # it trained (and kept the SWA weights)
     assert residency.backbone(spec.backbone, spec.weights, spec.input_size, spec.device) is backbone  # reused,
     # and the next trial gets the built weights back
-    assert not _differs(pristine, backbone.decoder_state_dict())
+    assert not _differs(pristine, backbone.trained_state_dict())
 
 
 def test_training_changes_the_decoder_but_not_the_frozen_parts(phantom_dataset):
@@ -219,10 +219,10 @@ def test_a_non_finite_loss_fails_the_trial_naming_it_and_the_epoch(phantom_datas
     spec = _small_spec(trial_id="trial-that-explodes", epochs=2)
     residency = Residency()
     backbone = residency.backbone(spec.backbone, spec.weights, spec.input_size, spec.device)
-    pristine = backbone.decoder_state_dict()
+    pristine = backbone.trained_state_dict()
     with pytest.raises(TrialFailed, match=r"trial trial-that-explodes: .*nan at epoch 1\b"):
         run_trial(spec, dataset, config.cache_dir, residency=residency)
-    assert not _differs(pristine, backbone.decoder_state_dict())  # stopped before the optimizer step
+    assert not _differs(pristine, backbone.trained_state_dict())  # stopped before the optimizer step
 
 
 def test_a_second_trial_in_the_process_starts_from_the_built_weights(phantom_dataset):

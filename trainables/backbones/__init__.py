@@ -57,7 +57,7 @@ BACKBONES: dict[str, BackboneEntry] = {
     "microsam_l": BackboneEntry(sam.MICROSAM_L, sam.build_vit_l, sam.SamFamilyBackbone),
     "microsam_h": BackboneEntry(sam.MICROSAM_H, sam.build_vit_h, sam.SamFamilyBackbone),
     "medsam": BackboneEntry(sam.MEDSAM, sam.build_vit_b, sam.SamFamilyBackbone),
-    "litemedsam": BackboneEntry(litemedsam.LITEMEDSAM, litemedsam.build_litemedsam, sam.SamFamilyBackbone),
+    "litemedsam": BackboneEntry(litemedsam.LITEMEDSAM, litemedsam.build_litemedsam, litemedsam.LiteMedSamBackbone),
 }
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from foundation.errors import UserError
+from trainables.backbones.adaptation import Adaptation, add_lora
 from trainables.backbones.spec import BackboneSpec, ParamCounts
 
 
@@ -106,6 +107,7 @@ class Backbone:
         self.weights_id = weights_id
         self.checkpoint_path = checkpoint_path
         self.device = torch.device(device)
+        self.adaptation = Adaptation()
         self.trainable_parameters(train_prompt_encoder=False)
 
     # ----------------------------------------------------------------------------- parts
@@ -224,67 +226,158 @@ class Backbone:
         predictor decodes exactly as `decode` does, so this does nothing.
         """
 
-    # ----------------------------------------------------------------------------- training
+    # ----------------------------------------------------------------------------- adaptation
+    # What a family calls a block and how its encoder runs in two parts (the frozen prefix, then
+    # blocks[start:] and the neck); `trainables.backbones.adaptation` says what each arm trains.
+
+    def encoder_blocks(self) -> list[nn.Module]:
+        """The image encoder's blocks, in order (see `trainables.backbones.adaptation`)."""
+        raise NotImplementedError
+
+    def encoder_prefix(self, pixels: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
+        """The encoder up to block `start` (excluded): what `encoder_suffix` resumes from."""
+        raise NotImplementedError
+
+    def encoder_suffix(self, state: dict[str, torch.Tensor], start: int) -> dict[str, torch.Tensor]:
+        """The decoder's features (what `encode` returns) from `encoder_prefix(pixels, start)`."""
+        raise NotImplementedError
+
+    def tuned_encoder_modules(self, start: int) -> list[nn.Module]:
+        """The encoder modules `encoder_suffix(state, start)` runs: the late_blocks arm trains them."""
+        raise NotImplementedError
+
+    @property
+    def encoder_depth(self) -> int:
+        return len(self.encoder_blocks())
+
+    def cache_features(self, pixels: torch.Tensor, tuned_blocks: int | None = None) -> dict[str, torch.Tensor]:
+        """What a cache entry holds for encoder input `pixels`: the encoder's output (`encode`), or,
+        with `tuned_blocks` k, the frozen prefix's output before the last k blocks."""
+        if tuned_blocks is None:
+            return self.encode(pixels)
+        self._eval_image_encoder()
+        with torch.no_grad():
+            return self.encoder_prefix(pixels.to(self.device, torch.float32), self.encoder_depth - tuned_blocks)
+
+    def adapt(self, adaptation: Adaptation) -> None:
+        """Make this model train as `adaptation` says (LoRA adapters are added here); once per build."""
+        if adaptation.kind == "decoder":
+            return
+        if self.adaptation.kind != "decoder":
+            raise RuntimeError(f"{self.spec.name} was adapted already ({self.adaptation.kind})")
+        depth = self.encoder_depth
+        if adaptation.source == "prefix" and not 1 <= adaptation.blocks <= depth:
+            raise UserError(f"adapt_blocks is {adaptation.blocks}, but {self.spec.name}'s encoder has {depth} "
+                            f"blocks: set factors.adapt_blocks between 1 and {depth}.")
+        if adaptation.kind == "lora":
+            start = adaptation.first_tuned_block(depth)
+            add_lora(self.encoder_blocks()[start:], adaptation.lora_rank, adaptation.lora_alpha)
+        self.adaptation = adaptation
+        self.trainable_parameters(train_prompt_encoder=False)
+
+    def adapted_features(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The decoder's features from what a trial's feature source gives (`Adaptation.source`):
+        the cached embeddings as they are, the cached prefix through the tuned blocks and the
+        neck, or ``{"pixels": encoder input}`` through the whole encoder."""
+        source = self.adaptation.source
+        if source == "embeddings":
+            return features
+        if source == "pixels":
+            features = self.encoder_prefix(features["pixels"].to(self.device, torch.float32), 0)
+        return self.encoder_suffix(features, self.adaptation.first_tuned_block(self.encoder_depth))
+
+    def train_mode(self, training: bool) -> None:
+        """Training or evaluation mode. A frozen encoder always runs in eval mode, and so do the
+        BatchNorm layers of a tuned one (TinyViT's): their running statistics are the pretrained
+        ones and stay so (a batch of a few slices would estimate them poorly)."""
+        self.model.train(training)
+        if not training:
+            return
+        if self.adaptation.kind == "decoder":
+            self._eval_image_encoder()
+        else:
+            for module in self.image_encoder.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def _frozen_decoder_prefixes(self) -> tuple[str, ...]:
+        # SAM 2's conv_s0/conv_s1 run at encode time: frozen, unless the trial runs the neck itself.
+        return () if self.adaptation.kind in ("late_blocks", "full") else self.FROZEN_DECODER_PREFIXES
+
     def _trainable_decoder_items(self):
+        frozen = self._frozen_decoder_prefixes()
         for name, parameter in self.mask_decoder.named_parameters():
-            if not name.startswith(self.FROZEN_DECODER_PREFIXES):
+            if not name.startswith(frozen):
                 yield name, parameter
 
+    def _tuned_encoder_items(self) -> list[tuple[str, nn.Parameter]]:
+        """(name within the image encoder, parameter) of what the adaptation trains in the encoder."""
+        kind = self.adaptation.kind
+        items = list(self.image_encoder.named_parameters())
+        if kind == "full":
+            return items
+        if kind == "lora":
+            return [(name, p) for name, p in items if name.rsplit(".", 1)[-1] in ("lora_a", "lora_b")]
+        if kind == "late_blocks":
+            tuned = {id(p) for module in self.tuned_encoder_modules(self.encoder_depth - self.adaptation.blocks)
+                     for p in module.parameters()}
+            return [(name, p) for name, p in items if id(p) in tuned]
+        return []
+
     def trainable_parameters(self, train_prompt_encoder: bool) -> list[nn.Parameter]:
-        """The parameters a fine-tune updates: the mask decoder, optionally the prompt encoder.
+        """The parameters a fine-tune updates: the mask decoder, what the adaptation trains in the
+        encoder, optionally the prompt encoder.
 
         Also sets ``requires_grad`` so that exactly these parameters need gradients and the rest
-        of the model (the image encoder above all) stays frozen.
+        of the model (the frozen encoder above all) stays frozen.
         """
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         parameters = [parameter for _, parameter in self._trainable_decoder_items()]
+        parameters += [parameter for _, parameter in self._tuned_encoder_items()]
         if train_prompt_encoder:
             parameters += list(self.prompt_encoder.parameters())
         for parameter in parameters:
             parameter.requires_grad_(True)
         return parameters
 
-    def _decoder_state_keys(self) -> set[str]:
-        keys = {
-            f"mask_decoder.{name}"
-            for name in self.mask_decoder.state_dict()
-            if not name.startswith(self.FROZEN_DECODER_PREFIXES)
-        }
-        return keys | {f"prompt_encoder.{name}" for name in self.prompt_encoder.state_dict()}
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copies of what a trial may train, named as in the official model (the encoder's
+        entries are ``image_encoder.<name>``, its LoRA adapters ``...qkv.lora_a``): ``mask_decoder.*``
+        (less projections frozen at encode time), ``prompt_encoder.*`` (always included: it is
+        small, and this way a checkpoint restores whether or not it was trained), and the
+        encoder parameters the adaptation trains. A trial's checkpoints hold this and nothing else."""
+        frozen = self._frozen_decoder_prefixes()
+        state = {f"mask_decoder.{name}": tensor for name, tensor in self.mask_decoder.state_dict().items()
+                 if not name.startswith(frozen)}
+        state |= {f"prompt_encoder.{name}": tensor for name, tensor in self.prompt_encoder.state_dict().items()}
+        state |= {f"image_encoder.{name}": parameter for name, parameter in self._tuned_encoder_items()}
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
 
-    def decoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """CPU copies of the trainable parts' state: ``mask_decoder.*`` (less any frozen
-        projections) and ``prompt_encoder.*`` (always included: it is small, and this way a trial
-        checkpoint restores whether or not the prompt encoder was trained)."""
-        state = {}
-        for name, tensor in self.mask_decoder.state_dict().items():
-            if not name.startswith(self.FROZEN_DECODER_PREFIXES):
-                state[f"mask_decoder.{name}"] = tensor.detach().to("cpu", copy=True)
-        for name, tensor in self.prompt_encoder.state_dict().items():
-            state[f"prompt_encoder.{name}"] = tensor.detach().to("cpu", copy=True)
-        return state
-
-    def load_decoder_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load what `decoder_state_dict` returned; keys and shapes must match exactly."""
-        expected = self._decoder_state_keys()
+    def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what `trained_state_dict` returned (onto a model built from the official
+        checkpoint and adapted the same way); keys and shapes must match exactly."""
+        expected = set(self.trained_state_dict())
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected)
         if missing or unexpected:
             raise UserError(
-                f"Decoder state does not fit backbone '{self.spec.name}': missing "
-                f"{missing[:4]}, unexpected {unexpected[:4]}. Was it saved from another backbone?"
+                f"Trained state does not fit backbone '{self.spec.name}' ({self.adaptation.kind}): missing "
+                f"{missing[:4]}, unexpected {unexpected[:4]}. Was it saved from another backbone or adaptation?"
             )
-        decoder = _with_prefix_removed(state, "mask_decoder.")
-        prompt = _with_prefix_removed(state, "prompt_encoder.")
+        parts = {"mask_decoder.": self.mask_decoder, "prompt_encoder.": self.prompt_encoder,
+                 "image_encoder.": self.image_encoder}
         try:
-            self.mask_decoder.load_state_dict(decoder, strict=not self.FROZEN_DECODER_PREFIXES)
-            self.prompt_encoder.load_state_dict(prompt, strict=True)
+            for prefix, module in parts.items():
+                part = _with_prefix_removed(state, prefix)
+                if part:  # the keys were checked above; strict loading would ask for every frozen one
+                    module.load_state_dict(part, strict=False)
         except RuntimeError as error:
             raise UserError(
-                f"Decoder state does not fit backbone '{self.spec.name}' "
+                f"Trained state does not fit backbone '{self.spec.name}' "
                 f"(input size {self.input_size}): {str(error).splitlines()[0]}"
             ) from None
+        self.train_mode(self.model.training)  # modules that cache derived weights in eval mode (TinyViT) renew them
 
     def param_counts(self) -> dict[str, int]:
         """Parameters of this built model by part (image_encoder, prompt_encoder, mask_decoder,

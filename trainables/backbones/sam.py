@@ -232,6 +232,32 @@ class SamFamilyBackbone(Backbone):
         self._eval_image_encoder()
         return {"image_embed": self.image_encoder(pixels.to(self.device, torch.float32))}
 
+    # segment-anything's ImageEncoderViT.forward in two parts: patch embedding, position
+    # embedding and blocks[:start]; then blocks[start:] and the neck. The state between them is
+    # the token map entering block `start`, (N, S/16, S/16, C).
+
+    def encoder_blocks(self) -> list[nn.Module]:
+        return list(self.image_encoder.blocks)
+
+    def encoder_prefix(self, pixels: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
+        encoder = self.image_encoder
+        x = encoder.patch_embed(pixels)
+        if encoder.pos_embed is not None:
+            x = x + encoder.pos_embed
+        for block in encoder.blocks[:start]:
+            x = block(x)
+        return {"tokens": x}
+
+    def encoder_suffix(self, state: dict[str, torch.Tensor], start: int) -> dict[str, torch.Tensor]:
+        encoder = self.image_encoder
+        x = state["tokens"].to(self.device, torch.float32)
+        for block in encoder.blocks[start:]:
+            x = block(x)
+        return {"image_embed": encoder.neck(x.permute(0, 3, 1, 2))}
+
+    def tuned_encoder_modules(self, start: int) -> list[nn.Module]:
+        return [*self.image_encoder.blocks[start:], self.image_encoder.neck]
+
     def decode(
         self,
         features: dict[str, torch.Tensor],
@@ -297,6 +323,7 @@ SAM_B = BackboneSpec(
     resize="longest_side",
     normalisation=SAM_NORMALISATION,
     params=_VIT_B_PARAMS,
+    encoder_blocks=VIT_B.depth,
     note="Segment Anything ViT-B (Kirillov et al. 2023), trained on SA-1B natural images.",
 )
 SAM_L = BackboneSpec(
@@ -311,6 +338,7 @@ SAM_L = BackboneSpec(
     resize="longest_side",
     normalisation=SAM_NORMALISATION,
     params=_VIT_L_PARAMS,
+    encoder_blocks=VIT_L.depth,
     note="Segment Anything ViT-L, trained on SA-1B natural images.",
 )
 SAM_H = BackboneSpec(
@@ -325,6 +353,7 @@ SAM_H = BackboneSpec(
     resize="longest_side",
     normalisation=SAM_NORMALISATION,
     params=_VIT_H_PARAMS,
+    encoder_blocks=VIT_H.depth,
     note="Segment Anything ViT-H, trained on SA-1B natural images.",
 )
 
@@ -346,6 +375,7 @@ MICROSAM_B = BackboneSpec(
     resize="longest_side",
     normalisation=SAM_NORMALISATION,
     params=_VIT_B_PARAMS,
+    encoder_blocks=VIT_B.depth,
     note="micro-sam ViT-B generalist light-microscopy model vit_b_lm (Archit et al. 2025), "
     "saved as vit_b_lm.pt." + _MICRO_SAM_DECODER_NOTE,
 )
@@ -361,6 +391,7 @@ MICROSAM_L = BackboneSpec(
     resize="longest_side",
     normalisation=SAM_NORMALISATION,
     params=_VIT_L_PARAMS,
+    encoder_blocks=VIT_L.depth,
     note="micro-sam ViT-L generalist light-microscopy model vit_l_lm, saved as vit_l_lm.pt."
     + _MICRO_SAM_DECODER_NOTE,
 )
@@ -378,6 +409,7 @@ MICROSAM_H = BackboneSpec(
     resize="longest_side",
     normalisation=SAM_NORMALISATION,
     params=_VIT_H_PARAMS,
+    encoder_blocks=VIT_H.depth,
     note="LEGACY FILE THE USER SUPPLIES: micro-sam no longer publishes a ViT-H generalist "
     "light-microscopy model; this reads the legacy v1 vit_h_lm.pth (zenodo record 8250299, 2023) "
     "or your own micro-sam ViT-H file given in weights.files.microsam_h." + _MICRO_SAM_DECODER_NOTE,
@@ -394,6 +426,7 @@ MEDSAM = BackboneSpec(
     resize="square",
     normalisation=MIN_MAX_NORMALISATION,
     params=_VIT_B_PARAMS,
+    encoder_blocks=VIT_B.depth,
     note="MedSAM ViT-B (Ma et al. 2024), SAM fine-tuned on 1.5M medical image-mask pairs with box "
     "prompts. Official inference (MedSAM_Inference.py) stretches the image to 1024x1024 and "
     "min-max normalises it; so does this entry. The official source is a Google Drive folder: "

@@ -124,13 +124,59 @@ class Sam2Backbone(Backbone):
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         self._eval_image_encoder()
+        backbone_out = self.model.forward_image(pixels.to(self.device, torch.float32))  # applies conv_s0/conv_s1
+        return self._decoder_features(backbone_out["backbone_fpn"])
+
+    def _decoder_features(self, backbone_fpn: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`SAM2ImagePredictor.set_image`'s features from the FPN levels (after conv_s0/conv_s1)."""
         model = self.model
-        backbone_out = model.forward_image(pixels.to(self.device, torch.float32))  # applies conv_s0/conv_s1
-        feature_maps = backbone_out["backbone_fpn"][-model.num_feature_levels :]
+        feature_maps = backbone_fpn[-model.num_feature_levels :]
         image_embed = feature_maps[-1]
         if model.directly_add_no_mem_embed:
             image_embed = image_embed + model.no_mem_embed.reshape(1, -1, 1, 1)
         return {"image_embed": image_embed, "high_res_0": feature_maps[0], "high_res_1": feature_maps[1]}
+
+    # Hiera's forward and SAM2Base.forward_image in two parts: patch and position embedding and
+    # blocks[:start]; then blocks[start:], the FPN neck (which reads every stage's output), the
+    # scalp and conv_s0/conv_s1. The state between them is the token map entering block `start`,
+    # (N, h, w, C), plus the outputs of the stages that ended before it (`stage_<i>`, (N, C, h, w)).
+
+    def encoder_blocks(self) -> list[nn.Module]:
+        return list(self.image_encoder.trunk.blocks)
+
+    def _stage_output(self, index: int) -> bool:
+        trunk = self.image_encoder.trunk
+        return index == trunk.stage_ends[-1] or (index in trunk.stage_ends and trunk.return_interm_layers)
+
+    def encoder_prefix(self, pixels: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
+        trunk = self.image_encoder.trunk
+        x = trunk.patch_embed(pixels)
+        x = x + trunk._get_pos_embed(x.shape[1:3])
+        state = {}
+        for index, block in enumerate(trunk.blocks[:start]):
+            x = block(x)
+            if self._stage_output(index):
+                state[f"stage_{len(state)}"] = x.permute(0, 3, 1, 2)
+        return {**state, "tokens": x}
+
+    def encoder_suffix(self, state: dict[str, torch.Tensor], start: int) -> dict[str, torch.Tensor]:
+        encoder, model = self.image_encoder, self.model
+        outputs = [state[f"stage_{i}"].to(self.device, torch.float32) for i in range(len(state) - 1)]
+        x = state["tokens"].to(self.device, torch.float32)
+        for index in range(start, len(encoder.trunk.blocks)):
+            x = encoder.trunk.blocks[index](x)
+            if self._stage_output(index):
+                outputs.append(x.permute(0, 3, 1, 2))
+        features, _ = encoder.neck(outputs)
+        if encoder.scalp > 0:
+            features = features[: -encoder.scalp]
+        if model.use_high_res_features_in_sam:
+            features = [model.sam_mask_decoder.conv_s0(features[0]), model.sam_mask_decoder.conv_s1(features[1]),
+                        *features[2:]]
+        return self._decoder_features(features)
+
+    def tuned_encoder_modules(self, start: int) -> list[nn.Module]:
+        return [*self.image_encoder.trunk.blocks[start:], self.image_encoder.neck]
 
     def decode(
         self,
@@ -187,7 +233,7 @@ _SAM2_NOTE = (
 )
 
 
-def _sam2_spec(name: str, file: str, image_encoder_params: int, size_name: str) -> BackboneSpec:
+def _sam2_spec(name: str, file: str, image_encoder_params: int, size_name: str, blocks: int) -> BackboneSpec:
     return BackboneSpec(
         name=name,
         family="sam2",
@@ -205,11 +251,13 @@ def _sam2_spec(name: str, file: str, image_encoder_params: int, size_name: str) 
             mask_decoder=_SAM2_DECODER,
             other=_SAM2_OTHER,
         ),
+        encoder_blocks=blocks,
         note=f"SAM 2.1 Hiera-{size_name} ({CONFIG_FILES[name]} in the sam2 package)." + _SAM2_NOTE,
     )
 
 
-SAM2_T = _sam2_spec("sam2_t", "sam2.1_hiera_tiny.pt", 27_219_136, "T")
-SAM2_S = _sam2_spec("sam2_s", "sam2.1_hiera_small.pt", 34_316_992, "S")
-SAM2_BPLUS = _sam2_spec("sam2_bplus", "sam2.1_hiera_base_plus.pt", 69_106_816, "B+")
-SAM2_L = _sam2_spec("sam2_l", "sam2.1_hiera_large.pt", 212_703_280, "L")
+# Hiera blocks per stage (the configs' stages): T 1+2+7+2, S 1+2+11+2, B+ 2+3+16+3, L 2+6+36+4.
+SAM2_T = _sam2_spec("sam2_t", "sam2.1_hiera_tiny.pt", 27_219_136, "T", 12)
+SAM2_S = _sam2_spec("sam2_s", "sam2.1_hiera_small.pt", 34_316_992, "S", 16)
+SAM2_BPLUS = _sam2_spec("sam2_bplus", "sam2.1_hiera_base_plus.pt", 69_106_816, "B+", 24)
+SAM2_L = _sam2_spec("sam2_l", "sam2.1_hiera_large.pt", 212_703_280, "L", 48)

@@ -114,7 +114,8 @@ class BackboneSpec:
     ``python -m study.weights --download`` can fetch, or None where the official source is a web
     page (Google Drive) or a package. ``sha256`` is the official checksum where the publisher
     gives one, else None. ``input_size`` is the square side the image encoder takes; the image
-    embedding grid is ``input_size / 16`` (``/ 4`` for LiteMedSAM's TinyViT).
+    embedding grid is ``input_size / 16`` (``/ 4`` for LiteMedSAM's TinyViT). ``encoder_blocks`` is
+    the number of blocks a late-block adaptation can tune (a test checks it against the built model).
     """
 
     name: str
@@ -128,4 +129,5 @@ class BackboneSpec:
     resize: Resize
     normalisation: Normalisation
     params: ParamCounts
+    encoder_blocks: int  # the image encoder's blocks (trainables/backbones/adaptation.py says what a block is)
     note: str
