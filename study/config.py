@@ -338,7 +338,7 @@ class ResourcesSection(_Section):
         least = 0 if info.field_name == "gpus_per_trial" else 1
         for number in (value.values() if isinstance(value, dict) else [value]):
             if number is not None and number < least:
-                raise ValueError(f"must be at least {least}, got {number}")
+                raise ValueError(f"must be greater than or equal to {least}, got {number}")
         if info.field_name == "gpus_per_trial" and not isinstance(value, dict):
             return float(value)  # an int stays what the schema says (a float), also when written back
         return value

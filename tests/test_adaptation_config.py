@@ -38,7 +38,7 @@ def test_adaptation_factors_and_per_arm_resources_resolve():
     ({"factors": {"adapt_blocks": 0}}, r"adapt_blocks.*at least 1"),
     ({"factors": {"adaptation": ["decoder", "full"]}, "resources": {"gpus_per_trial": {"decoder": 0.5}}},
      r"resources.gpus_per_trial is given per adaptation but has no entry for full"),
-    ({"resources": {"gpus_per_trial": {"decoder": -1}}}, r"at least 0"),
+    ({"resources": {"gpus_per_trial": {"decoder": -1}}}, r"greater than or equal to 0"),
 ])
 def test_adaptation_mistakes_are_named(raw, expected):
     with pytest.raises(UserError, match=expected):
