@@ -341,23 +341,27 @@ class Backbone:
             parameter.requires_grad_(True)
         return parameters
 
+    def _trained_items(self) -> list[tuple[str, torch.Tensor]]:
+        """(name as in the official model, tensor) of everything `trained_state_dict` holds."""
+        frozen = self._frozen_decoder_prefixes()
+        items = [(f"mask_decoder.{name}", tensor) for name, tensor in self.mask_decoder.state_dict().items()
+                 if not name.startswith(frozen)]
+        items += [(f"prompt_encoder.{name}", tensor) for name, tensor in self.prompt_encoder.state_dict().items()]
+        items += [(f"image_encoder.{name}", parameter) for name, parameter in self._tuned_encoder_items()]
+        return items
+
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """CPU copies of what a trial may train, named as in the official model (the encoder's
         entries are ``image_encoder.<name>``, its LoRA adapters ``...qkv.lora_a``): ``mask_decoder.*``
         (less projections frozen at encode time), ``prompt_encoder.*`` (always included: it is
         small, and this way a checkpoint restores whether or not it was trained), and the
         encoder parameters the adaptation trains. A trial's checkpoints hold this and nothing else."""
-        frozen = self._frozen_decoder_prefixes()
-        state = {f"mask_decoder.{name}": tensor for name, tensor in self.mask_decoder.state_dict().items()
-                 if not name.startswith(frozen)}
-        state |= {f"prompt_encoder.{name}": tensor for name, tensor in self.prompt_encoder.state_dict().items()}
-        state |= {f"image_encoder.{name}": parameter for name, parameter in self._tuned_encoder_items()}
-        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self._trained_items()}
 
     def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load what `trained_state_dict` returned (onto a model built from the official
         checkpoint and adapted the same way); keys and shapes must match exactly."""
-        expected = set(self.trained_state_dict())
+        expected = {name for name, _ in self._trained_items()}
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected)
         if missing or unexpected:
