@@ -22,6 +22,13 @@ from analysis.overlays import FALSE_NEGATIVE, FALSE_POSITIVE, TRUE_POSITIVE, TRU
 
 DPI = 110
 FINETUNED_COLOUR, ZERO_SHOT_COLOUR = "#1f77b4", "#ff7f0e"
+#: The tallest a figure is drawn (inches; 1,980 pixels at DPI): about two screens, whatever the
+#: number of configurations, levels or panels; figures that grow with them shrink their rows to fit.
+MAX_HEIGHT_IN = 18.0
+
+
+def _fit(height: float) -> float:
+    return min(height, MAX_HEIGHT_IN)
 
 
 def save_figure(figure, folder: Path, name: str) -> dict[str, Path]:
@@ -60,28 +67,34 @@ def ablation_figure(marginal: pd.DataFrame, factor: str, metric: str = "Dice"):
     return figure
 
 
-def interaction_heatmap(panels: dict[str, pd.DataFrame], rows: str, columns: str, metric: str = "Dice"):
-    """One heatmap per panel (e.g. zero-shot, fine-tuned): mean `metric` per rows x columns cell."""
+def interaction_heatmap(panels: dict[str, pd.DataFrame], metric: str = "Dice", per_row: int = 2):
+    """Small multiples of heatmaps, `per_row` panels a row, one colour scale for all: per panel
+    (title -> a table of mean `metric`, its index and columns named after the two factors) one
+    cell per pair of levels, with its value written in."""
     panels = {title: table for title, table in panels.items() if not table.empty}
-    figure, axes_list = plt.subplots(1, len(panels), squeeze=False, layout="constrained",
-                                     figsize=(sum(2.2 + 1.1 * t.shape[1] for t in panels.values()) + 1,
-                                              1.8 + 0.6 * max(t.shape[0] for t in panels.values())))
+    per_row = min(per_row, len(panels))
+    rows = int(np.ceil(len(panels) / per_row))
+    width = per_row * (2.2 + 0.9 * max(t.shape[1] for t in panels.values())) + 1.2
+    height = _fit(rows * (1.7 + 0.5 * max(t.shape[0] for t in panels.values())))
+    figure, axes_grid = plt.subplots(rows, per_row, squeeze=False, layout="constrained", figsize=(width, height))
     values = np.concatenate([t.to_numpy(float).ravel() for t in panels.values()])
     low, high = np.nanmin(values), np.nanmax(values)
-    for axes, (title, table) in zip(axes_list[0], panels.items()):
+    for axes in axes_grid.ravel()[len(panels):]:
+        axes.axis("off")
+    for axes, (title, table) in zip(axes_grid.ravel(), panels.items()):
         image = axes.imshow(table.to_numpy(float), cmap="viridis", vmin=low, vmax=high if high > low else low + 1e-9,
                             aspect="auto")
-        axes.set_xticks(range(table.shape[1]), [str(c) for c in table.columns], rotation=30, ha="right")
-        axes.set_yticks(range(table.shape[0]), [str(r) for r in table.index])
-        axes.set_xlabel(columns)
-        axes.set_ylabel(rows)
+        axes.set_xticks(range(table.shape[1]), [str(c) for c in table.columns], rotation=30, ha="right", fontsize=8)
+        axes.set_yticks(range(table.shape[0]), [str(r) for r in table.index], fontsize=8)
+        axes.set_xlabel(table.columns.name or "")
+        axes.set_ylabel(table.index.name or "")
         axes.set_title(title, fontsize=10)
         for (i, j), value in np.ndenumerate(table.to_numpy(float)):
             if np.isfinite(value):
                 bright = (value - low) / (high - low) > 0.6 if high > low else False
-                axes.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=8,
+                axes.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=7,
                           color="black" if bright else "white")
-    figure.colorbar(image, ax=list(axes_list[0]), label=f"mean test {metric}")
+    figure.colorbar(image, ax=list(axes_grid.ravel()), label=f"mean test {metric}", shrink=min(1.0, 0.9 / rows + 0.1))
     return figure
 
 
@@ -135,18 +148,42 @@ def click_curves(curves: dict[str, pd.DataFrame], zero_shot: set[str]):
 
 def box_plot(values: dict[str, np.ndarray], metric: str, note: str = "", unit: str = "image"):
     """Horizontal box plots of per-`unit` `metric` (unit: image or subject), one box per configuration
-    (label -> values)."""
-    labels = list(values)
-    figure, axes = plt.subplots(figsize=(7.5, max(2.5, 0.32 * len(labels) + 1.2)))
+    (label -> values), top to bottom in the order given."""
+    figure, axes = plt.subplots(figsize=(7.5, _fit(max(2.5, 0.32 * len(values) + 1.2))))
+    _boxes(axes, values)
+    axes.set_xlabel(f"per-{unit} test {metric}" + (f" ({note})" if note else ""))
+    axes.set_title(f"{metric} per configuration (triangle: mean)", fontsize=10)
+    return figure
+
+
+def _boxes(axes, values: dict[str, np.ndarray]):
+    """One horizontal box per label (finite values only), the first on top, the mean as a triangle."""
     data = [np.asarray(v, float)[np.isfinite(v)] for v in values.values()]
-    axes.boxplot(data, orientation="horizontal", tick_labels=labels, showmeans=True,
+    axes.boxplot(data, orientation="horizontal", tick_labels=list(values), showmeans=True,
                  meanprops={"marker": "^", "markerfacecolor": "white", "markeredgecolor": "black", "markersize": 5},
                  flierprops={"markersize": 3, "alpha": 0.5})
     axes.invert_yaxis()
     axes.tick_params(axis="y", labelsize=7)
-    axes.set_xlabel(f"per-{unit} test {metric}" + (f" ({note})" if note else ""))
-    axes.set_title(f"{metric} per configuration (triangle: mean)", fontsize=10)
     axes.grid(axis="x", alpha=0.3)
+
+
+def level_box_plots(panels: dict[str, dict[str, np.ndarray]], metric: str, unit: str = "image", per_row: int = 2):
+    """Small multiples of box plots, one panel per factor (factor -> level -> per-`unit` values)
+    and one box per level; the panels share the metric axis."""
+    per_row = min(per_row, len(panels))
+    rows = int(np.ceil(len(panels) / per_row))
+    height = _fit(rows * (0.8 + 0.3 * max(len(levels) for levels in panels.values())) + 0.4)
+    figure, axes_grid = plt.subplots(rows, per_row, squeeze=False, sharex=True, layout="constrained",
+                                     figsize=(5.2 * per_row, height))
+    for axes in axes_grid.ravel()[len(panels):]:
+        axes.axis("off")
+    for position, (axes, (factor, levels)) in enumerate(zip(axes_grid.ravel(), panels.items())):
+        _boxes(axes, levels)
+        axes.set_title(factor, fontsize=10)
+        if position + per_row >= len(panels):  # the lowest panel of its column carries the axis
+            axes.set_xlabel(f"per-{unit} test {metric}", fontsize=8)
+            axes.xaxis.set_tick_params(labelbottom=True)
+    figure.suptitle(f"{metric} per level, pooled over the other factors (triangle: mean)", fontsize=10)
     return figure
 
 
@@ -170,9 +207,13 @@ def dice_vs_area(series: dict[str, pd.DataFrame]):
 def learning_curves(history: pd.DataFrame, panels: dict[str, list[str]], highlight: str | None, labels: dict[str, str]):
     """Validation Dice by epoch, one line per trial, one panel per group (e.g. backbone -> trial ids);
     the `highlight` trial (the best configuration) is drawn thick and black."""
-    count = len(panels)
-    figure, axes_list = plt.subplots(1, count, squeeze=False, sharey=True, figsize=(min(4.2 * count, 16), 3.6))
-    for axes, (title, trial_ids) in zip(axes_list[0], panels.items()):
+    per_row = min(len(panels), 4)
+    rows = int(np.ceil(len(panels) / per_row))
+    figure, axes_grid = plt.subplots(rows, per_row, squeeze=False, sharey=True, layout="constrained",
+                                     figsize=(min(4.2 * per_row, 16), _fit(3.4 * rows)))
+    for axes in axes_grid.ravel()[len(panels):]:
+        axes.axis("off")
+    for axes, (title, trial_ids) in zip(axes_grid.ravel(), panels.items()):
         for trial_id in trial_ids:
             curve = history[history["trial_id"] == trial_id].sort_values("epoch")
             if curve.empty:
@@ -187,15 +228,22 @@ def learning_curves(history: pd.DataFrame, panels: dict[str, list[str]], highlig
         axes.xaxis.get_major_locator().set_params(integer=True)
         if len(trial_ids) <= 8:
             axes.legend(fontsize=6, loc="lower right")
-    axes_list[0][0].set_ylabel("validation Dice")
+    for axes in axes_grid[:, 0]:
+        axes.set_ylabel("validation Dice")
     return figure
 
 
-def overlay_figure(examples, title: str):
-    """A grid of overlays (analysis.overlays.PredictionExample), best images first, with a legend."""
-    columns = min(3, len(examples))
-    rows = int(np.ceil(len(examples) / columns))
-    figure, axes_list = plt.subplots(rows, columns, squeeze=False, figsize=(3.2 * columns, 3.4 * rows + 0.6))
+def overlay_figure(examples, title: str, per_row: int = 3):
+    """A grid of overlays (analysis.overlays.PredictionExample), `per_row` a row in the order given,
+    each titled with its rank, image and Dice, with a colour legend."""
+    per_row = min(per_row, len(examples))
+    rows = int(np.ceil(len(examples) / per_row))
+    side = min(3.2, 11.0 / per_row)
+    height = _fit((side + 0.45) * rows + 1.2)
+    figure, axes_list = plt.subplots(rows, per_row, squeeze=False, figsize=(side * per_row, height))
+    # room for two title lines above each image, the title on top and the legend below
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.45 / height, top=1 - 0.75 / height, wspace=0.08,
+                           hspace=0.45 / side)
     for axes in axes_list.ravel():
         axes.axis("off")
     for axes, example in zip(axes_list.ravel(), examples):
@@ -212,7 +260,7 @@ def overlay_figure(examples, title: str):
 def importance_figure(importance: pd.DataFrame, objective: str):
     """Horizontal bars of fANOVA importance per parameter (normalised to sum to 1)."""
     table = importance.sort_values("importance")
-    figure, axes = plt.subplots(figsize=(5.5, 0.45 * len(table) + 1.4))
+    figure, axes = plt.subplots(figsize=(5.5, _fit(0.45 * len(table) + 1.4)))
     axes.barh(table["parameter"], table["importance"], color=FINETUNED_COLOUR)
     for y, value in enumerate(table["importance"]):
         axes.text(value, y, f" {value:.2f}", va="center", fontsize=8)

@@ -2,10 +2,11 @@
 
 Seed report 001 (Figs 5-8) colours a segmentation so errors are read at a glance: true
 positives green, false positives yellow, false negatives pink, and the ground truth's border
-red. `overlay` does exactly that; `prediction_examples` picks the best- and worst-scored test
-images of one evaluation and reads their saved arrays from
+red. `overlay` does exactly that; `overlay_examples` reads chosen test images of one trial from
 `results/predictions/<trial_id>/<sanitised image_id>.npz` (arrays `image` H x W x 3 uint8,
-`mask` and `pred` H x W bool), which a study writes only when it keeps predictions.
+`mask` and `pred` H x W bool: a trial keeps those of its best and worst test images, see
+trainables.evaluation.KEPT_PREDICTIONS), and `prediction_examples` picks the best- and
+worst-scored ones of an evaluation.
 """
 
 from __future__ import annotations
@@ -71,6 +72,36 @@ class PredictionExample:
     picture: np.ndarray
 
 
+def overlay_examples(study_dir: Path, trial_id: str,
+                     chosen: list[tuple[str, float, str]]) -> tuple[list[PredictionExample], int]:
+    """Overlays of the `chosen` test images (rank label, Dice, image_id) of one trial, in that order,
+    from its saved predictions; returns them and how many of the chosen have no saved prediction."""
+    examples, absent = [], 0
+    for rank, dice, image_id in chosen:
+        path = prediction_path(study_dir, trial_id, image_id)
+        if not path.is_file():
+            absent += 1
+            continue
+        with np.load(path) as arrays:
+            if not {"image", "mask", "pred"} <= set(arrays.files):
+                absent += 1
+                continue
+            picture = overlay(arrays["image"], arrays["mask"], arrays["pred"])
+        examples.append(PredictionExample(image_id, dice, rank, picture))
+    return examples, absent
+
+
+def saved_images(study_dir: Path, trial_id: str) -> set[str]:
+    """The sanitised image ids whose prediction trial `trial_id` kept (empty when it kept none)."""
+    folder = Path(study_dir) / "results" / "predictions" / str(trial_id)
+    return {path.stem for path in folder.glob("*.npz")} if folder.is_dir() else set()
+
+
+def ranked_by_dice(dice_by_image) -> list[tuple[float, str]]:
+    """(Dice, image_id) of every image with a finite Dice, highest first."""
+    return sorted(((float(d), str(i)) for i, d in dict(dice_by_image).items() if np.isfinite(d)), reverse=True)
+
+
 def prediction_examples(study_dir: Path, trial_id: str, dice_by_image,
                         count: int = 3) -> tuple[list[PredictionExample], str]:
     """Overlays of the `count` best- and `count` worst-Dice images of one trial.
@@ -82,22 +113,11 @@ def prediction_examples(study_dir: Path, trial_id: str, dice_by_image,
     if not folder.is_dir():
         return [], (f"No overlays: the study saved no predictions for trial {trial_id} "
                     f"(results/predictions/{trial_id}/ is absent).")
-    ranked = sorted(((float(d), str(i)) for i, d in dict(dice_by_image).items() if np.isfinite(d)), reverse=True)
+    ranked = ranked_by_dice(dice_by_image)
     best = ranked[:count]
     worst = [item for item in ranked[::-1][:count] if item not in best]
-    examples, absent = [], 0
-    for rank, chosen in (("best", best), ("worst", worst)):
-        for dice, image_id in chosen:
-            path = prediction_path(study_dir, trial_id, image_id)
-            if not path.is_file():
-                absent += 1
-                continue
-            with np.load(path) as arrays:
-                if not {"image", "mask", "pred"} <= set(arrays.files):
-                    absent += 1
-                    continue
-                picture = overlay(arrays["image"], arrays["mask"], arrays["pred"])
-            examples.append(PredictionExample(image_id, dice, rank, picture))
+    examples, absent = overlay_examples(study_dir, trial_id, [("best", d, i) for d, i in best] +
+                                        [("worst", d, i) for d, i in worst])
     message = (f"Overlays of the {len(best)} best and {len(worst)} worst test images (by Dice) of trial {trial_id}: "
                f"green true positive, yellow false positive, pink false negative, red ground-truth border.")
     if absent:

@@ -7,6 +7,14 @@ when the study folder has a tracking.json, logged as artifacts (`report/`) of th
 parent MLflow run. Results are read from the study folder, or from an MLflow experiment with
 --tracking-uri and --experiment.
 
+The report answers first: a leaderboard (the best configurations on validation Dice with their
+test numbers, one sentence per grid factor on which level wins and whether that holds up, the
+best configuration per backbone; also written as `leaderboard.json`, an MLflow table), then the
+protocol and the numbered sections. Figures stay readable however many configurations a study
+has (the top ones drawn, per-level and per-pair small multiples); every table of the HTML sorts
+by a click on a header and the per-configuration ones filter by factor level (inline JavaScript:
+the page fetches nothing), while the Markdown keeps their first rows and names the CSV.
+
 The document is built once as a list of blocks (headings, paragraphs, tables, figures) and
 rendered twice, to Markdown and to HTML, so both say the same thing. Every number comes from
 analysis.statistics; this module only arranges and words them. Tables are per configuration
@@ -19,8 +27,10 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import json
 import sys
 from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +38,15 @@ import pandas as pd
 
 from analysis import figures
 from analysis.clicks import AUC, click_metric, clicks_of
-from analysis.overlays import prediction_examples
+from analysis.overlays import (overlay_examples, prediction_examples, ranked_by_dice, sanitise_image_id,
+                               saved_images)
 from analysis.results import (FINETUNE, UNET, ZERO_SHOT, ResultsError, StudyResults, format_level, load_from_mlflow,
                               load_study, read_resolved_config, read_tracking, search_ranges)
-from analysis.statistics import (ALPHA, BOOTSTRAP_RESAMPLES, CONFIDENCE, NOISE_MULTIPLE, NOISE_RULE, best_configuration, cell_means,
-                                 configuration_ci, factor_tests, format_p, hyperparameter_importance, marginal_means, study_seed_sd,
-                                 subject_3d_table, summary_table, unet_comparison, unit_values, zero_shot_change)
+from analysis.statistics import (ALPHA, BOOTSTRAP_RESAMPLES, CONFIDENCE, HOLDS_UP_RULE, NOISE_MULTIPLE, NOISE_RULE,
+                                 best_configuration, cell_means, configuration_ci, factor_tests, factor_verdicts, format_p,
+                                 hyperparameter_importance, level_configurations, marginal_means, rank_configurations,
+                                 study_seed_sd, subject_3d_table, summary_table, unet_comparison, unit_values,
+                                 zero_shot_change)
 
 
 # --- the document ---------------------------------------------------------------------------------
@@ -58,13 +71,20 @@ class Document:
         if items:
             self.blocks.append(("bullets", list(items)))
 
-    def table(self, shown: pd.DataFrame, name: str, data: pd.DataFrame | None = None, caption: str = ""):
-        """Show `shown` (formatted strings) and write `data` (full precision; default `shown`) as CSV."""
+    def table(self, shown: pd.DataFrame, name: str, data: pd.DataFrame | None = None, caption: str = "",
+              facets: pd.DataFrame | None = None, markdown_rows: int | None = None):
+        """Show `shown` (formatted strings) and write `data` (full precision; default `shown`) as CSV.
+
+        In the HTML every table sorts by a click on a column header; `facets` (one column per
+        factor, a row per row of `shown`) adds a level filter per column. The Markdown shows the
+        first `markdown_rows` rows (all when None) and names the CSV that holds every row.
+        """
         path = self.folder / "tables" / f"{name}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         (shown if data is None else data).to_csv(path, index=False)
         self.table_files.append(path)
-        self.blocks.append(("table", shown, f"tables/{name}.csv", caption))
+        self.blocks.append(("table", shown, f"tables/{name}.csv", caption,
+                            {"name": name, "facets": facets, "markdown_rows": markdown_rows}))
 
     def figure(self, figure, name: str, caption: str):
         paths = figures.save_figure(figure, self.folder / "figures", name)
@@ -87,12 +107,17 @@ def render_markdown(document: Document, title: str) -> str:
         elif kind == "bullets":
             lines += [f"- {item}" for item in block[1]] + [""]
         elif kind == "table":
-            _, shown, csv, caption = block
+            _, shown, csv, caption, options = block
             if caption:
                 lines += [caption, ""]
+            limit = options["markdown_rows"]
+            rows = shown if limit is None else shown.head(limit)
             lines.append("| " + " | ".join(_markdown_cell(c) for c in shown.columns) + " |")
             lines.append("|" + "|".join("---" for _ in shown.columns) + "|")
-            lines += ["| " + " | ".join(_markdown_cell(v) for v in row) + " |" for row in shown.itertuples(index=False)]
+            lines += ["| " + " | ".join(_markdown_cell(v) for v in row) + " |" for row in rows.itertuples(index=False)]
+            if len(rows) < len(shown):
+                lines += ["", f"The first {len(rows)} of {len(shown)} rows; every row is in the CSV `{csv}` and in "
+                              f"report.html, where the table sorts by any column and filters by factor level."]
             lines += ["", f"(CSV: `{csv}`)", ""]
         elif kind == "figure":
             _, name, _, caption = block
@@ -113,7 +138,65 @@ tr:nth-child(even) td { background: #fafafa; }
 figure { margin: 14px 0; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption, .csv { font-size: 12px; color: #555; }
+table.sortable th { cursor: pointer; user-select: none; }
+table.sortable th[aria-sort=ascending]::after { content: " \\25B2"; }
+table.sortable th[aria-sort=descending]::after { content: " \\25BC"; }
+.scroll { max-height: 34em; overflow: auto; border: 1px solid #ddd; }
+.scroll table { margin: 0; }
+.scroll th { position: sticky; top: 0; z-index: 1; }
+.filters { font-size: 12px; margin: 6px 0; }
+.filters label { margin-right: 12px; }
 """
+
+#: The HTML tables' behaviour, inline so the page needs nothing from outside: a click on a header
+#: sorts by that column (ascending, then descending; numbers as numbers, "-" and "n/a" last); the
+#: level filters above a table hide the rows that do not match every chosen level.
+SCRIPT = """
+(function () {
+  var PLACEHOLDER = /^(-|n\\/a|)$/;
+  function text(row, column) { return row.cells[column].textContent.trim(); }
+  function sortBy(header) {
+    var body = header.closest('table').tBodies[0], column = header.cellIndex;
+    var ascending = header.getAttribute('aria-sort') !== 'ascending';
+    var rows = Array.prototype.slice.call(body.rows);
+    var numeric = rows.every(function (r) { var t = text(r, column); return PLACEHOLDER.test(t) || !isNaN(parseFloat(t)); });
+    rows.sort(function (a, b) {
+      var x = text(a, column), y = text(b, column);
+      if (numeric) {
+        var p = parseFloat(x), q = parseFloat(y);
+        if (isNaN(p) || isNaN(q)) { return isNaN(p) - isNaN(q); }
+        return ascending ? p - q : q - p;
+      }
+      return ascending ? x.localeCompare(y) : y.localeCompare(x);
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+    Array.prototype.forEach.call(header.parentNode.cells, function (th) { th.setAttribute('aria-sort', 'none'); });
+    header.setAttribute('aria-sort', ascending ? 'ascending' : 'descending');
+  }
+  document.querySelectorAll('table.sortable th').forEach(function (th) {
+    th.addEventListener('click', function () { sortBy(th); });
+  });
+  document.querySelectorAll('.filters').forEach(function (box) {
+    var rows = Array.prototype.slice.call(document.getElementById(box.dataset.table).tBodies[0].rows);
+    var selects = box.querySelectorAll('select'), count = box.querySelector('.shown');
+    function apply() {
+      var shown = 0;
+      rows.forEach(function (r) {
+        var keep = Array.prototype.every.call(selects, function (s) {
+          return !s.value || r.getAttribute('data-f' + s.dataset.facet) === s.value;
+        });
+        r.hidden = !keep;
+        shown += keep ? 1 : 0;
+      });
+      count.textContent = shown + ' of ' + rows.length + ' rows shown';
+    }
+    selects.forEach(function (s) { s.addEventListener('change', apply); });
+  });
+})();
+"""
+
+#: Tables longer than this many rows scroll inside a box of their own in the HTML.
+SCROLL_ROWS = 15
 
 
 def render_html(document: Document, title: str) -> str:
@@ -129,13 +212,10 @@ def render_html(document: Document, title: str) -> str:
         elif kind == "bullets":
             out.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in block[1]) + "</ul>")
         elif kind == "table":
-            _, shown, csv, caption = block
+            _, shown, csv, caption, options = block
             if caption:
                 out.append(f"<p>{html.escape(caption)}</p>")
-            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
-                           for row in shown.itertuples(index=False))
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            out.append(_html_table(shown, options["name"], options["facets"]))
             out.append(f"<p class='csv'>CSV: {html.escape(csv)}</p>")
         elif kind == "figure":
             _, name, png, caption = block
@@ -143,8 +223,30 @@ def render_html(document: Document, title: str) -> str:
             out.append(f"<figure id='{html.escape(name)}'><img src='data:image/png;base64,{data}' "
                        f"alt='{html.escape(caption)}'><figcaption>Figure <code>{html.escape(name)}</code> "
                        f"(figures/{html.escape(name)}.png, .svg): {html.escape(caption)}</figcaption></figure>")
-    out.append("</body></html>")
+    out.append(f"<script>{SCRIPT}</script></body></html>")
     return "\n".join(out)
+
+
+def _html_table(shown: pd.DataFrame, name: str, facets: pd.DataFrame | None) -> str:
+    """A sortable table (see SCRIPT), with a level filter per column of `facets` above it."""
+    table_id = f"table-{html.escape(name)}"
+    filters = ""
+    if facets is not None and len(facets.columns):
+        facets = facets.astype(str).reset_index(drop=True)
+        selects = "".join(
+            f"<label>{html.escape(str(column))} <select data-facet='{i}'><option value=''>all</option>"
+            + "".join(f"<option>{html.escape(level)}</option>" for level in pd.unique(facets[column]))
+            + "</select></label>" for i, column in enumerate(facets.columns))
+        filters = (f"<div class='filters' data-table='{table_id}'>Filter: {selects}<span class='shown'>"
+                   f"{len(shown)} of {len(shown)} rows shown</span></div>")
+    head = "".join(f"<th title='sort by this column'>{html.escape(str(c))}</th>" for c in shown.columns)
+    rows = []
+    for position, row in enumerate(shown.itertuples(index=False)):
+        attributes = "" if not filters else "".join(
+            f" data-f{i}='{html.escape(value)}'" for i, value in enumerate(facets.iloc[position]))
+        rows.append(f"<tr{attributes}>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>")
+    table = f"<table class='sortable' id='{table_id}'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return filters + (f"<div class='scroll'>{table}</div>" if len(shown) > SCROLL_ROWS else table)
 
 
 # --- formatting -------------------------------------------------------------------------------------
@@ -156,8 +258,16 @@ def _ci(mean, low, high, digits: int = 3) -> str:
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def _cis(table: pd.DataFrame, prefix: str, digits: int = 3) -> list[str]:
+    """`_ci` of every row of `table` from its columns <prefix>_mean, _low and _high ("-" without them)."""
+    columns = [f"{prefix}_mean", f"{prefix}_low", f"{prefix}_high"]
+    if not set(columns) <= set(table):
+        return ["-"] * len(table)
+    return [_ci(*v, digits=digits) for v in table[columns].astype(float).to_numpy()]
+
+
 def _params(value) -> str:
-    return f"{value / 1e6:.1f} M" if np.isfinite(value) else "-"
+    return "-" if not np.isfinite(value) else ("0" if value == 0 else f"{value / 1e6:.1f} M")
 
 
 def _number(value, digits: int = 0) -> str:
@@ -188,6 +298,12 @@ class ReportContext:
     best_key: str | None = None
     best_rule: str = ""
     tests: pd.DataFrame = None
+    #: the fine-tuned configurations, best first (rank_configurations: by validation Dice)
+    ranked: list[str] = field(default_factory=list)
+    #: grid factor -> its marginal_means table
+    marginals: dict[str, pd.DataFrame] = field(default_factory=dict)
+    #: _best_per_backbone's table
+    best_per_backbone: pd.DataFrame = None
 
     @property
     def unit(self) -> str:
@@ -302,8 +418,9 @@ def _protocol_bullets(ctx: ReportContext) -> list[str]:
                    f"same prompts for an image.")
     bullets.append(f"Means are over {unit}s. {CONFIDENCE:.0%} confidence intervals are percentile bootstrap "
                    f"intervals over {unit}s ({BOOTSTRAP_RESAMPLES} resamples, numpy default_rng seed {ctx.seed}): with "
-                   f"one seed the cluster bootstrap (scipy.stats.bootstrap on the per-{unit} values, so whole {unit}s "
-                   f"are resampled); with several seeds a two-level bootstrap (analysis.statistics."
+                   f"one seed the cluster bootstrap (scipy.stats.bootstrap's percentile interval on the per-{unit} "
+                   f"values, written out in numpy in analysis.statistics.bootstrap_mean_ci, so whole {unit}s are "
+                   f"resampled); with several seeds a two-level bootstrap (analysis.statistics."
                    f"two_level_bootstrap_ci): each resample draws the {unit}s with replacement and, independently, "
                    f"each configuration's seeds with replacement (one draw for all {unit}s, as a seed's model scores "
                    f"them all), and takes the mean over the drawn {unit}s of the mean over the drawn seeds.")
@@ -316,7 +433,7 @@ def _protocol_bullets(ctx: ReportContext) -> list[str]:
     return bullets
 
 
-def _introduction(doc: Document, ctx: ReportContext, source: str):
+def _introduction(doc: Document, ctx: ReportContext, source: str, best_text: str):
     results = ctx.results
     ev, conf = results.evaluations, results.configurations
     finetune_trials = results.trials[results.trials["stage"] == FINETUNE]
@@ -332,16 +449,141 @@ def _introduction(doc: Document, ctx: ReportContext, source: str):
              f"the grid: {', '.join(results.grid_factors) or 'none'}"
              + (f"; searched over a range: {', '.join(results.searched_factors)}" if results.searched_factors else "")
              + ".")
-    doc.heading("How the numbers are computed", 3)
+    doc.text(best_text)
+    _leaderboard_section(doc, ctx)
+    doc.heading("How the numbers are computed")
     doc.bullets(_protocol_bullets(ctx))
     if results.notes:
         doc.heading("Data notes", 3)
         doc.bullets(results.notes)
 
 
-def _order(summary: pd.DataFrame) -> pd.DataFrame:
-    return pd.concat([summary[summary["stage"] == ZERO_SHOT],
-                      summary[summary["stage"] != ZERO_SHOT].sort_values("dice_mean", ascending=False)])
+#: The leaderboard's length: the fine-tuned configurations ranked first on validation Dice.
+LEADERBOARD_ROWS = 10
+#: The leaderboard in MLflow's table format (MlflowClient.log_table's JSON), at the report's root.
+LEADERBOARD_JSON = "leaderboard.json"
+
+
+def leaderboard_table(ctx: ReportContext) -> pd.DataFrame:
+    """The LEADERBOARD_ROWS fine-tuned configurations ranked first by rank_configurations (validation
+    Dice), with the summary's test numbers: rank, configuration, label, the grid factors, seeds,
+    val_dice, n and each metric's mean, low and high."""
+    results = ctx.results
+    hd95, _ = _hd95_unit(ctx.summary)
+    rows = ctx.summary.set_index("configuration").loc[ctx.ranked[:LEADERBOARD_ROWS]].reset_index()
+    metrics = [f"{m}_{part}" for m in ("dice", "iou", "nsd", hd95) for part in ("mean", "low", "high")]
+    factors = [f for f in ["backbone", *results.grid_factors, *results.searched_factors] if f in rows]
+    table = rows[["configuration", "label", *dict.fromkeys(factors), "seeds", "val_dice", "n", *metrics]]
+    return table.assign(rank=range(1, len(table) + 1))[["rank", *table.columns]]
+
+
+def _leaderboard_section(doc: Document, ctx: ReportContext):
+    """The answer first: the top configurations, the best per backbone, and one sentence per factor."""
+    unit = ctx.unit
+    doc.heading("Leaderboard")
+    if not ctx.ranked:
+        doc.text("No leaderboard: the study has no fine-tuned configuration with test results.")
+        return
+    table = leaderboard_table(ctx)
+    hd95, hd95_unit = _hd95_unit(ctx.summary)
+    shown = pd.DataFrame({
+        "Rank": table["rank"], "Configuration": table["label"], "Seeds": table["seeds"],
+        "Val Dice": [_number(v, 3) for v in table["val_dice"]],
+        "Test Dice [95% CI]": _cis(table, "dice"),
+        "IoU [95% CI]": _cis(table, "iou"),
+        "NSD [95% CI]": _cis(table, "nsd"),
+        f"HD95 {hd95_unit} [95% CI]": _cis(table, hd95, 1),
+        f"n {unit}s": table["n"],
+    })
+    doc.table(shown, "leaderboard", table, caption=(
+        f"The {len(table)} fine-tuned configurations (of {len(ctx.ranked)}) with the {ctx.best_rule}, best first; "
+        f"ranked on validation, so their test numbers are not selected on the test set. Test numbers as in the "
+        f"summary (section 1): means over {unit}s ({_unit_value(ctx)}) with {CONFIDENCE:.0%} {unit}-level "
+        f"bootstrap CIs. {LEADERBOARD_JSON} holds this table in MLflow's table format: logged with the report, it "
+        f"shows as a table on the study's parent MLflow run."))
+    _write_mlflow_table(doc, table)
+    verdicts = factor_verdicts(ctx.tests, ctx.marginals)
+    if len(verdicts):
+        doc.text(f"Which level of each grid factor wins (the highest marginal mean, section 2) and whether its lead "
+                 f"over the runner-up holds up. Rule: {HOLDS_UP_RULE}.")
+        doc.bullets([_verdict_sentence(row, unit) for _, row in verdicts.iterrows()])
+    _best_per_backbone_table(doc, ctx)
+
+
+def _write_mlflow_table(doc: Document, table: pd.DataFrame):
+    """The leaderboard as LEADERBOARD_JSON in MlflowClient.log_table's format (pandas orient="split"),
+    so the MLflow UI shows it as a table once register_mlflow_tables has marked it."""
+    path = doc.folder / LEADERBOARD_JSON
+    table.drop(columns="configuration").round(4).to_json(path, orient="split", index=False)
+    doc.table_files.append(path)
+
+
+def _best_per_backbone_table(doc: Document, ctx: ReportContext):
+    best = ctx.best_per_backbone
+    if best.empty:
+        return
+    trained = best[best["stage"] != ZERO_SHOT].sort_values("val_dice", ascending=False, kind="stable")
+    zero_shot = best[best["stage"] == ZERO_SHOT].set_index("backbone")
+    rows = []
+    for _, row in trained.iterrows():
+        reference = zero_shot.loc[row["backbone"]] if row["backbone"] in zero_shot.index else None
+        rows.append({"Backbone": row["backbone"], "Family": row["family"], "Encoder params": _params(row["params"]),
+                     "Best trained configuration (on val Dice)": row["configuration"], "Seeds": row["seeds"],
+                     "Val Dice": _number(row["val_dice"], 3),
+                     "Test Dice [95% CI]": _ci(row["mean"], row["low"], row["high"]),
+                     "Best zero-shot (on val Dice)": reference["configuration"] if reference is not None else "none",
+                     "Zero-shot Dice [95% CI]": _ci(reference["mean"], reference["low"], reference["high"])
+                     if reference is not None else "-"})
+    unet = " (the U-Net baseline: trained from scratch)" if (best["stage"] == UNET).any() else ""
+    doc.table(pd.DataFrame(rows), "best_per_backbone", best.drop(columns="key"), caption=(
+        f"The best configuration of each backbone: fine-tuned{unet} and zero-shot, each chosen on validation Dice, "
+        f"with test Dice as in the summary; backbones by validation Dice."))
+
+
+def _verdict_sentence(verdict: pd.Series, unit: str) -> str:
+    """One factor's factor_verdicts row in words."""
+    lead = (f"{verdict['factor']}: {verdict['winner']} wins" + (f" among {int(verdict['levels'])} levels"
+                                                                 if verdict["levels"] > 2 else "")
+            + f" (marginal mean test Dice {_ci(verdict['winner_mean'], verdict['winner_low'], verdict['winner_high'])} "
+            f"over {int(verdict['winner_cells'])} configuration(s)), ahead of {verdict['runner_up']} "
+            f"({_number(verdict['runner_up_mean'], 3)})")
+    if not verdict["comparison"] or not np.isfinite(verdict["p"]):
+        return f"{lead}; section 5 could not test this pair, so whether the lead holds up is not known."
+    test = (f"section 5's paired test ({verdict['comparison']}): median difference "
+            f"{verdict['median_difference']:+.3f} Dice, p = {format_p(verdict['p_holm'])} after Holm, "
+            f"n = {int(verdict['n'])} {unit}s")
+    noise = (f"mean effect {verdict['mean_difference']:+.3f} against a noise SD of {verdict['noise_sd']:.3f}"
+             if np.isfinite(verdict["noise_sd"]) else "")
+    holds_up = verdict["holds_up"]
+    holds_up = None if holds_up is None or (isinstance(holds_up, float) and np.isnan(holds_up)) else bool(holds_up)
+    if holds_up is True:
+        return f"{lead}. The lead holds up: {test}; {noise}, beyond training noise."
+    if not verdict["significant"]:
+        return f"{lead}. The lead does not hold up: not significant ({test})."
+    if holds_up is False:
+        return f"{lead}. The lead does not hold up: significant ({test}) but within training noise ({noise})."
+    return (f"{lead}. Significant ({test}), but with one seed per configuration this study cannot tell whether it "
+            f"exceeds training noise.")
+
+
+def _order(table: pd.DataFrame, column: str = "dice_mean") -> pd.DataFrame:
+    """The trained configurations by `column` (highest first), then the zero-shot ones likewise."""
+    zero_shot = table["stage"] == ZERO_SHOT
+    return pd.concat([table[~zero_shot].sort_values(column, ascending=False, kind="stable"),
+                      table[zero_shot].sort_values(column, ascending=False, kind="stable")])
+
+
+#: The Markdown shows this many rows of a table with one row per configuration (every row is in
+#: its CSV and in the HTML, which sorts and filters them).
+MARKDOWN_ROWS = 25
+
+
+def _facets(ctx: ReportContext, keys) -> pd.DataFrame:
+    """What the HTML filters a per-configuration table by (its rows are the configurations `keys`):
+    the stage and every grid factor."""
+    configurations = ctx.results.configurations.set_index("configuration").loc[list(keys)]
+    columns = ["stage", *ctx.results.grid_factors]
+    return pd.DataFrame({c: [format_level(v) for v in configurations[c]] for c in columns})
 
 
 def _hd95_unit(summary: pd.DataFrame) -> tuple[str, str]:
@@ -362,13 +604,12 @@ def _summary_section(doc: Document, ctx: ReportContext):
         "Status": order["status"].fillna(""),
         "Seeds": order["seeds"],
         f"n {ctx.unit}s": order["n"],
-        "Dice [95% CI]": [_ci(*v) for v in order[["dice_mean", "dice_low", "dice_high"]].to_numpy()],
+        "Dice [95% CI]": _cis(order, "dice"),
         "Dice seed SD": [_number(v, 3) for v in order["dice_seed_sd"]],
-        "IoU [95% CI]": [_ci(*v) for v in order[["iou_mean", "iou_low", "iou_high"]].to_numpy()],
-        "mIoU [95% CI]": [_ci(*v) for v in order[["miou_mean", "miou_low", "miou_high"]].to_numpy()],
-        "NSD [95% CI]": [_ci(*v) for v in order[["nsd_mean", "nsd_low", "nsd_high"]].to_numpy()],
-        f"HD95 {hd95_unit} [95% CI]": [_ci(*v, digits=1) for v in
-                                       order[[f"{hd95}_mean", f"{hd95}_low", f"{hd95}_high"]].to_numpy()],
+        "IoU [95% CI]": _cis(order, "iou"),
+        "mIoU [95% CI]": _cis(order, "miou"),
+        "NSD [95% CI]": _cis(order, "nsd"),
+        f"HD95 {hd95_unit} [95% CI]": _cis(order, hd95, 1),
     })
     if order["hd95_penalised"].notna().any():
         shown["HD95 penalised (of image scores)"] = [
@@ -379,6 +620,7 @@ def _summary_section(doc: Document, ctx: ReportContext):
     shown["Epochs run"] = [_number(v) for v in order["epochs_run"]]
     shown["Wall time per trial (s)"] = [_number(v) for v in order["seconds"]]
     shown["Encoder params"] = [_params(v) for v in order["image_encoder_params"]]
+    shown["Trained params"] = [_params(v) for v in order["trainable_params"]]
     shown["Val Dice"] = [_number(v, 3) for v in order["val_dice"]]
     if ctx.best_key:
         shown["Configuration"] = [f"{label} (best)" if key == ctx.best_key else label
@@ -386,8 +628,11 @@ def _summary_section(doc: Document, ctx: ReportContext):
     doc.table(shown, "summary", order, caption=f"One row per configuration; Seeds = its replicate trials, every number "
               f"a mean over them (Val Dice, epochs and wall time per trial too). Means over {ctx.unit}s of the "
               f"seed-averaged {ctx.unit} value with {CONFIDENCE:.0%} {ctx.unit}-level bootstrap CIs; HD95 is the "
-              f"penalised value where per_image.csv records the penalty. Fine-tuned configurations are sorted by "
-              f"mean test Dice; (best) marks the configuration chosen on validation Dice.")
+              f"penalised value where per_image.csv records the penalty. Encoder params: the image encoder's parameter count "
+              f"(a U-Net: its whole network); Trained params: the parameters the trial's optimiser updated (decoder, "
+              f"tuned encoder blocks or LoRA adapters; 0 zero-shot). Trained configurations first, sorted by "
+              f"mean test Dice, then the zero-shot ones; (best) marks the configuration chosen on validation Dice.",
+              facets=_facets(ctx, order["configuration"]), markdown_rows=MARKDOWN_ROWS)
     finished = set(results.evaluations["trial_id"])
     missing = results.trials[~results.trials["trial_id"].isin(finished)]
     if len(missing):
@@ -516,12 +761,6 @@ def _region_section(doc: Document, ctx: ReportContext):
         return
     hd95, hd95_unit = _hd95_unit(ctx.summary)
 
-    def cis(prefix: str, digits: int = 3) -> list[str]:
-        columns = [f"{prefix}_mean", f"{prefix}_low", f"{prefix}_high"]
-        if not set(columns) <= set(table):
-            return ["-"] * len(table)
-        return [_ci(*v, digits=digits) for v in table[columns].astype(float).to_numpy()]
-
     doc.heading("Per region (data.target)", 3)
     shown = pd.DataFrame({
         "Target": table["target"],
@@ -529,13 +768,13 @@ def _region_section(doc: Document, ctx: ReportContext):
         "Seeds": [_number(v) for v in table.get("seeds", pd.Series([np.nan] * len(table)))],
         "Val Dice": [_number(v, 3) for v in table.get("val_dice", pd.Series([np.nan] * len(table)))],
         f"n {ctx.unit}s": [_number(v) for v in table.get("n", pd.Series([np.nan] * len(table)))],
-        "Test Dice [95% CI]": cis("dice"),
-        f"HD95 {hd95_unit} [95% CI]": cis(hd95, 1),
-        "NSD [95% CI]": cis("nsd"),
+        "Test Dice [95% CI]": _cis(table, "dice"),
+        f"HD95 {hd95_unit} [95% CI]": _cis(table, hd95, 1),
+        "NSD [95% CI]": _cis(table, "nsd"),
     })
     if not ctx.results.per_subject.empty:
-        shown["Dice 3D [95% CI]"] = cis("dice_3d")
-    shown["Zero-shot Dice [95% CI] (same backbone and prompt)"] = cis("zero_shot_dice")
+        shown["Dice 3D [95% CI]"] = _cis(table, "dice_3d")
+    shown["Zero-shot Dice [95% CI] (same backbone and prompt)"] = _cis(table, "zero_shot_dice")
     doc.table(shown, "per_region", table, caption=f"One row per target (data.target): the fine-tuned configuration "
               f"at that target with the highest mean validation Dice over its seeds, and its test numbers (means over "
               f"{ctx.unit}s of the seed-averaged value with {CONFIDENCE:.0%} {ctx.unit}-level bootstrap CIs, as in the "
@@ -555,51 +794,61 @@ def _subject_3d_section(doc: Document, ctx: ReportContext):
     if table.empty:
         doc.text("per_subject.csv holds no rows of an evaluated configuration: no 3D table.")
         return
-    order = pd.concat([table[table["stage"] == ZERO_SHOT],
-                       table[table["stage"] != ZERO_SHOT].sort_values("dice_3d_mean", ascending=False)])
+    order = _order(table, "dice_3d_mean")
     mm = order["hd95_3d_mm_mean"].notna().all()
     hd95, hd95_unit = ("hd95_3d_mm", "mm") if mm else ("hd95_3d", "voxels")
     shown = pd.DataFrame({
         "Configuration": order["label"], "Stage": order["stage"].str.replace("_", "-"), "Seeds": order["seeds"],
         "n subjects": order["n"],
-        "Dice 3D [95% CI]": [_ci(*v) for v in order[["dice_3d_mean", "dice_3d_low", "dice_3d_high"]].to_numpy()],
-        f"HD95 3D {hd95_unit} [95% CI]": [_ci(*v, digits=1) for v in
-                                          order[[f"{hd95}_mean", f"{hd95}_low", f"{hd95}_high"]].to_numpy()],
+        "Dice 3D [95% CI]": _cis(order, "dice_3d"),
+        f"HD95 3D {hd95_unit} [95% CI]": _cis(order, hd95, 1),
         "HD95 3D penalised (of subject scores)": ["-" if np.isnan(k) else f"{int(k)} of {int(n)}"
                                                  for k, n in order[["hd95_3d_penalised", "scores"]].to_numpy()],
-        "NSD 3D [95% CI]": [_ci(*v) for v in order[["nsd_3d_mean", "nsd_3d_low", "nsd_3d_high"]].to_numpy()],
+        "NSD 3D [95% CI]": _cis(order, "nsd_3d"),
         "Slices per subject (median)": [_number(v) for v in order["slices"]],
     })
     doc.table(shown, "subject_3d", order, caption="Per-subject 3D metrics (per_subject.csv): each subject's test slices "
               "stacked at their slice index, 3D Dice, HD95 and NSD over the stack; means over subjects of the "
-              f"seed-averaged subject value with {CONFIDENCE:.0%} subject-level bootstrap CIs (two-level with seeds).")
+              f"seed-averaged subject value with {CONFIDENCE:.0%} subject-level bootstrap CIs (two-level with seeds); "
+              "trained configurations first, by 3D Dice, then the zero-shot ones.",
+              facets=_facets(ctx, order["configuration"]), markdown_rows=MARKDOWN_ROWS)
 
 
 def _ablation_section(doc: Document, ctx: ReportContext):
-    results = ctx.results
+    results, unit = ctx.results, ctx.unit
     doc.heading("2. Ablations")
     if not results.grid_factors:
         doc.text("No factor takes more than one value among the fine-tuned trials, so there is nothing to ablate.")
-    marginal_tables = []
-    for factor in results.grid_factors:
-        marginal = marginal_means(results, factor, seed=ctx.seed)
-        marginal_tables.append(marginal.drop(columns="cell_means"))
+    for factor, marginal in ctx.marginals.items():
         doc.figure(figures.ablation_figure(marginal, factor), f"ablation_{factor}",
-                   f"Test Dice per level of {factor}: per {ctx.unit}, the mean over the other factors' configurations "
-                   f"at that level (each averaged over its seeds); the mean over {ctx.unit}s with its 95% "
-                   f"{ctx.unit}-level bootstrap CI (blue), and each configuration's own mean (grey dots).")
-    if marginal_tables:
-        table = pd.concat(marginal_tables, ignore_index=True)
+                   f"Test Dice per level of {factor}: per {unit}, the mean over the other factors' configurations "
+                   f"at that level (each averaged over its seeds); the mean over {unit}s with its 95% "
+                   f"{unit}-level bootstrap CI (blue), and each configuration's own mean (grey dots).")
+    if ctx.marginals:
+        panels = {factor: {format_level(level): unit_values(results, keys).to_numpy(float)
+                           for level, keys in level_configurations(results, factor)} for factor in ctx.marginals}
+        doc.figure(figures.level_box_plots(panels, "Dice", unit), "box_dice_by_level",
+                   f"Test Dice per {unit} for each level of each grid factor, pooled over the other factors: a "
+                   f"{unit}'s value at a level is its mean over the fine-tuned configurations at that level (each "
+                   f"averaged over its seeds), the values the marginal means and their CIs are computed from.")
+        table = pd.concat([m.drop(columns="cell_means") for m in ctx.marginals.values()], ignore_index=True)
         shown = table.assign(**{"Dice [95% CI]": [_ci(*v) for v in table[["mean", "low", "high"]].to_numpy()],
                                 "seed SD": [_number(v, 3) for v in table["seed_sd"]]})
-        shown = shown.rename(columns={"n": f"n {ctx.unit}s"})
-        doc.table(shown[["factor", "level", "cells", "seeds", f"n {ctx.unit}s", "Dice [95% CI]", "seed SD"]],
+        shown = shown.rename(columns={"n": f"n {unit}s"})
+        doc.table(shown[["factor", "level", "cells", "seeds", f"n {unit}s", "Dice [95% CI]", "seed SD"]],
                   "marginal_means", table, caption="Marginal means of test Dice; cells = configurations averaged per "
-                  f"{ctx.unit}, seeds = their replicate trials, seed SD = the pooled seed-to-seed SD of their means.")
+                  f"{unit}, seeds = their replicate trials, seed SD = the pooled seed-to-seed SD of their means.")
         _noise_table(doc, ctx)
     if results.searched_factors:
         doc.text(f"Factors searched over a range ({', '.join(results.searched_factors)}) take a different value in "
                  f"every trial; they appear in section 6 (importance, parallel coordinates), not as levels here.")
+    _interactions(doc, ctx)
+    _model_size(doc, ctx)
+
+
+def _interactions(doc: Document, ctx: ReportContext):
+    """Zero-shot against fine-tuned per backbone x prompt, and every pair of grid factors as small multiples."""
+    results, unit = ctx.results, ctx.unit
     panels = {}
     conf = results.configurations
     if "prompt" in conf and (conf["backbone"].nunique() > 1 or conf["eval_prompt"].nunique() > 1):
@@ -607,12 +856,22 @@ def _ablation_section(doc: Document, ctx: ReportContext):
             key = "eval_prompt" if stage == ZERO_SHOT else "prompt"
             table = cell_means(results, "backbone", key, stage)
             if not table.empty:
-                panels[title] = table
+                panels[title] = table.rename_axis(columns="prompt")
+    pairs = list(combinations(results.grid_factors, 2))
+    if not panels and not pairs:
+        return
+    doc.heading("Interactions", 3)
     if panels:
-        doc.figure(figures.interaction_heatmap(panels, "backbone", "prompt"), "interaction_backbone_prompt",
+        doc.figure(figures.interaction_heatmap(panels), "interaction_backbone_prompt",
                    "Mean test Dice per backbone x prompt (zero-shot: the evaluated prompt; fine-tuned: the training "
-                   f"prompt, each cell averaged per {ctx.unit} over the other factors and the seeds).")
-    _model_size(doc, ctx)
+                   f"prompt, each cell averaged per {unit} over the other factors and the seeds).")
+    if pairs:
+        grid = {f"{a} x {b}": cell_means(results, a, b) for a, b in pairs}
+        doc.figure(figures.interaction_heatmap(grid), "interactions",
+                   f"Mean test Dice of the fine-tuned configurations for every pair of grid factors ({len(pairs)} "
+                   f"pair(s)), one colour scale: per {unit} the mean over the configurations of the cell (the other "
+                   f"factors and the seeds), averaged over {unit}s. A factor that interacts with another shows a "
+                   f"pattern that is not the same in every row.")
 
 
 def _noise_table(doc: Document, ctx: ReportContext):
@@ -639,25 +898,33 @@ def _noise_table(doc: Document, ctx: ReportContext):
     doc.table(shown, "factor_effects", tests.drop(columns="sentence"))
 
 
-def _model_size(doc: Document, ctx: ReportContext):
+def _best_per_backbone(ctx: ReportContext) -> pd.DataFrame:
+    """Per backbone and stage (zero-shot, fine-tuned, U-Net), its best configuration (best_configuration:
+    on validation Dice) with the summary's test Dice and CI."""
     results, summary = ctx.results, ctx.summary.set_index("configuration")
-    points, skipped = [], []
+    points = []
     for backbone, group in results.configurations.groupby("backbone"):
         for stage in (ZERO_SHOT, FINETUNE, UNET):
             key, _ = best_configuration(results, group[group["stage"] == stage])
             if key is None:
                 continue
             row = summary.loc[key]
-            if not np.isfinite(row["image_encoder_params"]):
-                skipped.append(backbone)
-                continue
             points.append({"family": row["family"], "backbone": backbone, "params": row["image_encoder_params"],
                            "stage": stage, "seeds": row["seeds"], "mean": row["dice_mean"], "low": row["dice_low"],
-                           "high": row["dice_high"], "configuration": row["label"]})
-    if not points:
+                           "high": row["dice_high"], "configuration": row["label"], "key": key,
+                           "val_dice": row["val_dice"], "n": row["n"]})
+    return pd.DataFrame(points)
+
+
+def _model_size(doc: Document, ctx: ReportContext):
+    doc.heading("Model size", 3)
+    best = ctx.best_per_backbone
+    measured = np.isfinite(best["params"].astype(float)) if len(best) else []
+    if not np.any(measured):
         doc.text("No model-size plot: trials.csv records no image-encoder parameter counts.")
         return
-    table = pd.DataFrame(points)
+    skipped = sorted(set(best.loc[~measured, "backbone"]))
+    table = best[measured].drop(columns=["key", "val_dice", "n"]).reset_index(drop=True)
     doc.figure(figures.model_size_figure(table), "model_size",
                "Test Dice (mean, 95% CI) against image-encoder parameter count (log scale), one colour per family; "
                "solid: the backbone's best fine-tuned configuration (for the U-Net baseline: its whole network's "
@@ -667,21 +934,47 @@ def _model_size(doc: Document, ctx: ReportContext):
     doc.table(table.assign(params=table["params"].map(_params), mean=table["mean"].map(lambda v: _number(v, 3)))[
         ["family", "backbone", "params", "stage", "configuration", "seeds", "mean"]], "model_size", table)
     if skipped:
-        doc.text(f"Left out of the model-size plot (no parameter count): {', '.join(sorted(set(skipped)))}.")
+        doc.text(f"Left out of the model-size plot (no parameter count): {', '.join(skipped)}.")
+
+
+#: Box plots draw at most this many fine-tuned configurations (those ranked first on validation
+#: Dice), beside the U-Net arms and the zero-shot references of the same backbones and prompts.
+BOX_CONFIGURATIONS = 12
+
+
+def _shown_configurations(ctx: ReportContext, count: int, keys=None) -> tuple[list[str], list[str]]:
+    """What a figure draws when it cannot draw every configuration: the `count` fine-tuned
+    configurations ranked first on validation Dice (ctx.ranked; among `keys` when given) and the
+    zero-shot configurations (among `keys`) with the backbone and evaluation prompt of one of them."""
+    allowed = set(ctx.summary["configuration"] if keys is None else keys)
+    tuned = [key for key in ctx.ranked if key in allowed][:count]
+    conf = ctx.results.configurations.set_index("configuration")
+    pairs = {(conf.loc[k, "backbone"], conf.loc[k, "eval_prompt"]) for k in tuned}
+    order = _order(ctx.summary)
+    zero_shot = [k for k, stage in zip(order["configuration"], order["stage"]) if stage == ZERO_SHOT and k in allowed
+                 and (conf.loc[k, "backbone"], conf.loc[k, "eval_prompt"]) in pairs]
+    return tuned, zero_shot
 
 
 def _per_image_section(doc: Document, ctx: ReportContext):
     results, summary = ctx.results, ctx.summary
     doc.heading("3. Per-image views")
-    order = _order(summary)
     unit = ctx.unit
     seeds = " and seeds" if results.seeds > 1 else ""
+    tuned, zero_shot = _shown_configurations(ctx, BOX_CONFIGURATIONS)
+    unets = list(_order(summary[summary["stage"] == UNET], "val_dice")["configuration"])
+    order = summary.set_index("configuration").loc[tuned + unets + zero_shot].reset_index()
+    finetuned = len(ctx.ranked)
+    which = (f"the {len(tuned)} fine-tuned configurations with the highest validation Dice"
+             + (f" (of {finetuned}; every configuration is in the summary table)" if finetuned > len(tuned) else "")
+             + (", the U-Net arms" if unets else "")
+             + (", and the zero-shot model of the same backbones and prompts" if zero_shot else "") + ", top to bottom")
     dice = {row["label"]: unit_values(results, [row["configuration"]], "dice").to_numpy(float)
             for _, row in order.iterrows()}
     doc.figure(figures.box_plot(dice, "Dice", unit=unit), "box_dice",
-               f"Test Dice per {unit} per configuration" + (f" (a subject's value: the mean over its test images"
-                                                            f"{seeds})" if unit == "subject" else
-                                                            (" (averaged over seeds)" if seeds else "")) + ".")
+               f"Test Dice per {unit}" + (f" (a subject's value: the mean over its test images{seeds})"
+                                          if unit == "subject" else (" (averaged over seeds)" if seeds else ""))
+               + f" of {which}.")
     hd95 = {row["label"]: unit_values(results, [row["configuration"]], "hd95").to_numpy(float)
             for _, row in order.iterrows()}
     if order["hd95_penalised"].notna().any():
@@ -690,7 +983,7 @@ def _per_image_section(doc: Document, ctx: ReportContext):
         note = f"{int(order['hd95_missing'].sum())} undefined image scores left out"
     if any(np.isfinite(v).any() for v in hd95.values()):
         doc.figure(figures.box_plot(hd95, "HD95 (pixels)", note, unit=unit), "box_hd95",
-                   f"Test HD95 (pixels) per {unit} per configuration; {note} (penalty: the image diagonal where "
+                   f"Test HD95 (pixels) per {unit} of {which}; {note} (penalty: the image diagonal where "
                    f"exactly one of prediction and truth is empty; older studies left such scores undefined).")
     else:
         doc.text("No HD95 box plot: no image has a defined HD95.")
@@ -723,20 +1016,96 @@ def _per_image_section(doc: Document, ctx: ReportContext):
         doc.text("No learning curves: the study recorded no per-epoch validation Dice.")
 
 
+#: The worst test images of the best configuration listed (and drawn, where their prediction was kept).
+WORST_SHOWN = 12
+
+
 def _overlay_section(doc: Document, ctx: ReportContext):
-    doc.heading("4. Overlays of the best configuration")
+    doc.heading("4. Overlays")
     best = ctx.best_evaluation()
     if best is None:
         doc.text("No overlays: the study has no fine-tuned configuration with test results.")
         return
-    per_image = ctx.results.per_image
-    dice = per_image.loc[per_image["evaluation"] == best.name].set_index("image_id")["dice"]
+    doc.text("Green: true positive, yellow: false positive, pink: false negative, red: the ground truth's border. "
+             "A trial keeps the predictions of its best and worst test images only (results/predictions/), so "
+             "only those can be drawn.")
+    dice = _dice_of(ctx, best.name)
     examples, message = prediction_examples(ctx.study_dir, best["trial_id"], dice)
     if examples:
         doc.figure(figures.overlay_figure(examples, f"Best configuration: {best['label']}"), "overlays_best_config",
                    message)
     else:
         doc.text(message)
+    _worst_images(doc, ctx)
+    _backbone_overlays(doc, ctx)
+
+
+def _dice_of(ctx: ReportContext, evaluation: str) -> pd.Series:
+    """image_id -> Dice of one evaluation."""
+    per_image = ctx.results.per_image
+    return per_image.loc[per_image["evaluation"] == evaluation].set_index("image_id")["dice"]
+
+
+def _worst_images(doc: Document, ctx: ReportContext):
+    """The WORST_SHOWN lowest-Dice test images of the best configuration (every replicate), as a table
+    and as a gallery of those whose prediction was kept."""
+    results = ctx.results
+    doc.heading("Worst test images of the best configuration", 3)
+    evaluations = results.replicates(ctx.best_key)
+    rows = results.per_image[results.per_image["evaluation"].isin(evaluations)]
+    worst = rows.sort_values(["dice", "image_id"], kind="stable").head(WORST_SHOWN)
+    several = len(evaluations) > 1
+    shown = pd.DataFrame({
+        **({"Seed": [format_level(v) for v in worst["seed"]]} if several else {}),
+        "Image": worst["image_id"], "Subject": worst.get("subject", pd.Series("-", index=worst.index)).fillna("-"),
+        "Target area (px)": [_number(v) for v in worst["area"]], "Dice": [_number(v, 3) for v in worst["dice"]],
+        "HD95": [_number(v, 1) for v in worst["hd95"]]})
+    doc.table(shown, "worst_images", worst, caption=(
+        f"The {len(worst)} test images with the lowest Dice under the best configuration "
+        f"({results.configuration(ctx.best_key)['label']}" + (f", all {len(evaluations)} seeds" if several else "")
+        + f"), of {len(rows)} image scores."))
+    examples = []
+    for position, (_, row) in enumerate(worst.iterrows(), 1):
+        seed = f" · seed {format_level(row['seed'])}" if several else ""
+        examples += overlay_examples(ctx.study_dir, row["trial_id"], [(f"worst #{position}{seed}", row["dice"],
+                                                                       row["image_id"])])[0]
+    if examples:
+        doc.figure(figures.overlay_figure(examples, "Worst test images of the best configuration", per_row=4),
+                   "worst_images_best_config", f"The {len(examples)} of these {len(worst)} images whose prediction "
+                   f"was kept (a trial keeps its worst and best few), lowest Dice first.")
+    else:
+        doc.text("None of these images has a saved prediction (results/predictions/), so none is drawn.")
+
+
+def _backbone_overlays(doc: Document, ctx: ReportContext):
+    """Each backbone's best fine-tuned configuration on its best and its worst test image."""
+    best = ctx.best_per_backbone
+    if best.empty or not (best["stage"] == FINETUNE).any():
+        return
+    tuned = best[best["stage"] == FINETUNE].sort_values("val_dice", ascending=False, kind="stable")
+    doc.heading("The best configuration of each backbone", 3)
+    examples, missing = [], []
+    for _, row in tuned.iterrows():
+        evaluation = ctx.results.evaluation(ctx.results.replicates(row["key"])[0])
+        saved = saved_images(ctx.study_dir, evaluation["trial_id"])
+        ranked = [(d, i) for d, i in ranked_by_dice(_dice_of(ctx, evaluation.name)) if sanitise_image_id(i) in saved]
+        if not ranked:
+            missing.append(row["backbone"])
+            continue
+        chosen = [(f"{row['backbone']} · best", *ranked[0])] + (
+            [(f"{row['backbone']} · worst", *ranked[-1])] if len(ranked) > 1 else [])
+        examples += overlay_examples(ctx.study_dir, evaluation["trial_id"], chosen)[0]
+    caption = (f"The best fine-tuned configuration of each of the {len(tuned)} backbones (on validation Dice; its "
+               f"first seed), on the best and the worst by Dice of the test images whose prediction it kept; "
+               f"backbones by validation Dice.")
+    if missing:
+        caption += f" No saved prediction for: {', '.join(missing)}."
+    if examples:
+        doc.figure(figures.overlay_figure(examples, "Best configuration of each backbone", per_row=4),
+                   "overlays_per_backbone", caption)
+    else:
+        doc.text(f"No overlays per backbone: none of {', '.join(missing)} has a saved prediction of its best and "
+                 f"worst test images (results/predictions/).")
 
 
 def _statistics_section(doc: Document, ctx: ReportContext):
@@ -812,9 +1181,8 @@ def _clicks_section(doc: Document, ctx: ReportContext, number: int) -> bool:
              f"summary.")
     keys = [key for key in ctx.summary["configuration"]
             if np.isfinite(unit_values(results, [key], AUC)).any()]
-    summary = ctx.summary.set_index("configuration").loc[keys].reset_index()
-    ranked = pd.concat([summary[summary["stage"] == ZERO_SHOT],
-                        summary[summary["stage"] != ZERO_SHOT].sort_values("val_dice", ascending=False)])
+    indexed = ctx.summary.set_index("configuration")
+    ranked = _order(indexed.loc[keys].reset_index(), "val_dice")
     shown_ks = sorted({k for k in (0, 1, 3, 5, 10, clicks) if k <= clicks})
 
     def at_click(conf: pd.Series, k: int) -> tuple[float, float, float]:
@@ -834,23 +1202,22 @@ def _clicks_section(doc: Document, ctx: ReportContext, number: int) -> bool:
         rows.append(row)
     # Drawn: the CURVES_SHOWN fine-tuned configurations best on validation Dice, and the zero-shot
     # evaluations of their backbones and prompts; only their whole curves are computed.
-    tuned = ranked[ranked["stage"] != ZERO_SHOT].head(CURVES_SHOWN)
-    pairs = set(zip(tuned["backbone"], tuned["eval_prompt"]))
-    matching = np.array([pair in pairs for pair in zip(ranked["backbone"], ranked["eval_prompt"])], bool)
-    zero_shot = ranked[(ranked["stage"] == ZERO_SHOT).to_numpy() & matching]
-    drawn = pd.concat([zero_shot, tuned])
+    tuned, zero_shot = _shown_configurations(ctx, CURVES_SHOWN, keys)
+    drawn = indexed.loc[zero_shot + tuned].reset_index()
     curves = {}
     for _, conf in drawn.iterrows():
         points = [at_click(conf, k) for k in range(clicks + 1)]
         curves[conf["label"]] = pd.DataFrame(points, columns=["mean", "low", "high"]).assign(click=range(clicks + 1))
-    of = len(ranked) - int((ranked["stage"] == ZERO_SHOT).sum())
-    doc.figure(figures.click_curves(curves, set(zero_shot["label"])), "click_curves",
+    of = len([key for key in ctx.ranked if key in set(keys)])
+    doc.figure(figures.click_curves(curves, set(indexed.loc[zero_shot, "label"])), "click_curves",
                f"Test Dice after 0..{clicks} corrective clicks (mean over {unit}s, band: 95% CI); solid: the "
                f"{len(tuned)} fine-tuned configuration(s) with the highest validation Dice" + (f" (of {of})" if of > len(tuned)
                                                                                              else "")
                + "; dashed: the zero-shot model of the same backbone and prompt. Every configuration is in the table.")
     doc.table(pd.DataFrame(rows), "clicks", caption=f"Dice after k clicks (Dice@0: the prompt alone, the summary's "
-              f"Dice) and the normalised AUC over clicks 0..{clicks}; zero-shot first, then by validation Dice.")
+              f"Dice) and the normalised AUC over clicks 0..{clicks}; trained configurations first, by validation "
+              f"Dice, then the zero-shot ones.", facets=_facets(ctx, ranked["configuration"]),
+              markdown_rows=MARKDOWN_ROWS)
     tests = factor_tests(results, AUC)
     if tests.empty:
         doc.text("No paired tests of the AUC: no factor takes more than one value among the fine-tuned trials.")
@@ -894,8 +1261,11 @@ def build_report(results: StudyResults, study_dir: Path, out_dir: Path, source: 
     ctx = ReportContext(results, Path(study_dir), seed)
     ctx.summary = summary_table(results, seed=seed)
     finetuned = results.configurations[results.configurations["stage"] == FINETUNE]
-    ctx.best_key, ctx.best_rule = best_configuration(results, finetuned)
+    ctx.ranked, ctx.best_rule = rank_configurations(results, finetuned)
+    ctx.best_key = ctx.ranked[0] if ctx.ranked else None
     ctx.tests = factor_tests(results)
+    ctx.marginals = {factor: marginal_means(results, factor, seed=seed) for factor in results.grid_factors}
+    ctx.best_per_backbone = _best_per_backbone(ctx)
     if ctx.best_key:
         best = results.configuration(ctx.best_key)
         row = ctx.summary.set_index("configuration").loc[ctx.best_key]
@@ -905,8 +1275,7 @@ def build_report(results: StudyResults, study_dir: Path, out_dir: Path, source: 
                      f"n = {int(row['n'])} {ctx.unit}s.")
     else:
         best_text = "The study has no fine-tuned configuration with test results; only zero-shot evaluations are shown."
-    _introduction(doc, ctx, source)
-    doc.text(best_text)
+    _introduction(doc, ctx, source, best_text)
     _summary_section(doc, ctx)
     _unet_section(doc, ctx)
     _region_section(doc, ctx)
@@ -936,8 +1305,29 @@ def _local_tracking_uri(uri: str, study_dir: Path) -> str:
     return uri
 
 
+#: MLflow's run tag listing a run's table artifacts (what MlflowClient.log_table sets); the UI
+#: shows a file listed there as a table.
+LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"
+
+
+def register_mlflow_tables(client, run_id: str, report_dir: Path, artifact_path: str | None = "report") -> list[str]:
+    """Mark the report's MLflow tables (LEADERBOARD_JSON, when report_dir has it), logged with the
+    folder under `artifact_path`, as table artifacts of run `run_id`: entries {"path", "type":
+    "table"} in its LOGGED_ARTIFACTS_TAG, as MlflowClient.log_table adds them. (log_table itself
+    appends to an existing file, so a report logged again would double the leaderboard's rows; the
+    file is written by build_report and replaced with the folder instead.) Returns the paths marked."""
+    if not (Path(report_dir) / LEADERBOARD_JSON).is_file():
+        return []
+    entry = {"path": f"{artifact_path}/{LEADERBOARD_JSON}" if artifact_path else LEADERBOARD_JSON, "type": "table"}
+    listed = json.loads(client.get_run(run_id).data.tags.get(LOGGED_ARTIFACTS_TAG, "[]"))
+    if entry not in listed:
+        client.set_tag(run_id, LOGGED_ARTIFACTS_TAG, json.dumps(listed + [entry]))
+    return [entry["path"]]
+
+
 def log_report(study_dir: Path, report_dir: Path) -> str:
-    """Log the report folder as artifacts `report/` of the parent run named in tracking.json.
+    """Log the report folder as artifacts `report/` of the parent run named in tracking.json, with
+    the leaderboard marked as an MLflow table (register_mlflow_tables).
 
     Returns a sentence saying what happened; never raises (the report on disk is what matters).
     """
@@ -950,10 +1340,13 @@ def log_report(study_dir: Path, report_dir: Path) -> str:
     try:
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(_local_tracking_uri(uri, study_dir)).log_artifacts(run_id, str(report_dir), "report")
+        client = MlflowClient(_local_tracking_uri(uri, study_dir))
+        client.log_artifacts(run_id, str(report_dir), "report")
+        tables = register_mlflow_tables(client, run_id, report_dir, "report")
     except Exception as err:  # a tracking server that is down must not lose the report on disk
         return f"warning: the report was written but not logged to MLflow run {run_id} at {uri}: {err}"
-    return f"Logged the report as artifacts report/ of MLflow run {run_id} ({uri})."
+    return (f"Logged the report as artifacts report/ of MLflow run {run_id} ({uri})"
+            + (f"; {', '.join(tables)} shows as a table in the MLflow UI." if tables else "."))
 
 
 # --- the command ------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ PER_SUBJECT_COLUMNS = ("trial_id", "subject")
 PER_CLICK_COLUMNS = ("trial_id", "prompt", "image_id", "click", "dice")
 PER_SUBJECT_METRICS = ("dice_3d", "hd95_3d", "hd95_3d_mm", "hd95_3d_penalised", "nsd_3d", "slices", "voxels")
 TRIAL_METRICS = ("epochs_run", "val_dice", "test_dice", "test_iou", "test_miou", "test_hd95", "test_nsd",
-                 "test_hd95_penalised", "test_subjects", "seconds")
+                 "test_hd95_penalised", "test_subjects", "seconds", "trainable_params")
 # Trial columns that are not factors: the replicate index a configuration is trained with (search.seeds).
 NOT_FACTORS = ("seed",)
 HISTORY_METRICS = ("train_loss", "val_loss", "val_dice", "val_iou")
@@ -101,7 +101,7 @@ class StudyResults:
     unit: str = "image"
 
     def __post_init__(self):
-        self._scores: dict[tuple, pd.DataFrame] = {}
+        self._scores: dict[tuple, object] = {}  # tables computed once (scores, replicate tables, indexes)
         self.factors = [name for name in self.factors if name not in NOT_FACTORS]
         if self.evaluations.empty and not self.per_image.empty:
             self.per_image, self.evaluations = _build_evaluations(self)
@@ -161,6 +161,23 @@ class StudyResults:
             table = self.per_subject.pivot(index="subject", columns="evaluation", values=metric)
             self._scores[("3d", metric)] = table.apply(pd.to_numeric, errors="coerce").astype(float)
         return self._scores[("3d", metric)]
+
+    def replicate_scores(self, key: str, metric: str = "dice", source: str = "unit") -> pd.DataFrame:
+        """Configuration `key`'s units x replicates table of `metric`: the columns of its evaluations,
+        in seed order, of `unit_scores(metric)` (source `unit`) or `subject_scores_3d(metric)` (`3d`);
+        an evaluation missing from that table has no column. Computed once per (key, metric,
+        source): read it, do not modify it."""
+        cached = ("replicates", source, metric, key)
+        if cached not in self._scores:
+            table = self.unit_scores(metric) if source == "unit" else self.subject_scores_3d(metric)
+            layout = ("layout", source, metric)
+            if layout not in self._scores:
+                self._scores[layout] = ({e: i for i, e in enumerate(table.columns)}, table.to_numpy(float))
+            positions, values = self._scores[layout]
+            columns = [e for e in self.replicates(key) if e in positions]
+            self._scores[cached] = pd.DataFrame(values[:, [positions[e] for e in columns]], index=table.index,
+                                                columns=pd.Index(columns, name=table.columns.name))
+        return self._scores[cached]
 
     @property
     def units(self) -> int:
@@ -601,8 +618,7 @@ def _build_evaluations(results: StudyResults) -> tuple[pd.DataFrame, pd.DataFram
             rows.append({"evaluation": key, "trial_id": trial_id, **trial.to_dict(), "eval_prompt": prompt,
                          "primary": prompt == primary})
     evaluations = pd.DataFrame(rows)
-    keys = evaluations.set_index(["trial_id", "eval_prompt"])["evaluation"]
-    per_image = per_image.assign(evaluation=[keys[(t, p)] for t, p in zip(per_image["trial_id"], per_image["prompt"])])
+    per_image = per_image.assign(evaluation=_evaluation_of(evaluations, per_image))
     evaluations["n_images"] = evaluations["evaluation"].map(per_image.groupby("evaluation").size())
     for column in ("image_encoder_params", *TRIAL_METRICS):
         evaluations[column] = pd.to_numeric(evaluations[column], errors="coerce")
@@ -613,6 +629,15 @@ def _build_evaluations(results: StudyResults) -> tuple[pd.DataFrame, pd.DataFram
         results.factors.append("eval_prompt")
     _check_trial_means(results, evaluations, per_image)
     return per_image, evaluations
+
+
+def _evaluation_of(evaluations: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
+    """The evaluation of each row of a per-image or per-subject table: the one with its (trial_id,
+    prompt) as (trial_id, eval_prompt); None where no evaluation has that pair."""
+    keys = pd.MultiIndex.from_frame(evaluations[["trial_id", "eval_prompt"]].astype(str))
+    positions = keys.get_indexer(pd.MultiIndex.from_arrays([rows["trial_id"].astype(str), rows["prompt"].astype(str)]))
+    names = np.append(evaluations["evaluation"].to_numpy(object), None)
+    return names[positions]  # position -1 (not found) picks the appended None
 
 
 def _level_key(value):
@@ -678,7 +703,7 @@ def _group_configurations(results: StudyResults) -> None:
         row.update(configuration=name, label=name, seeds=len(members), evaluations=list(chosen["evaluation"]),
                    trial_ids=list(chosen["trial_id"]), seed_values=list(chosen["seed"]), status=", ".join(statuses),
                    n_images=int(chosen["n_images"].max()))
-        for column in ("val_dice", "epochs_run", "seconds"):
+        for column in ("val_dice", "epochs_run", "seconds", "trainable_params"):
             values = pd.to_numeric(chosen[column], errors="coerce")
             row[column] = float(values.mean()) if values.notna().any() else math.nan
         rows.append(row)
@@ -705,9 +730,8 @@ def _tag_per_subject(results: StudyResults) -> pd.DataFrame:
     per_subject = results.per_subject
     if per_subject is None or per_subject.empty:
         return pd.DataFrame()
-    keys = results.evaluations.set_index(["trial_id", "eval_prompt"])["evaluation"]
-    evaluation = [keys.get((t, p)) for t, p in zip(per_subject["trial_id"], per_subject["prompt"])]
-    per_subject = per_subject.assign(evaluation=evaluation).dropna(subset=["evaluation"])
+    per_subject = per_subject.assign(evaluation=_evaluation_of(results.evaluations, per_subject)).dropna(
+        subset=["evaluation"])
     configuration = results.evaluations.set_index("evaluation")["configuration"]
     return per_subject.assign(configuration=per_subject["evaluation"].map(configuration)).reset_index(drop=True)
 

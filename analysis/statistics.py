@@ -3,8 +3,10 @@
 The primitives take plain arrays and return plain numbers, so each can be checked by hand:
 
 - `bootstrap_mean_ci`: the mean of per-unit values and its percentile-bootstrap confidence
-  interval (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13), computed by
-  `scipy.stats.bootstrap(method="percentile")`. Given one value per subject it is the cluster
+  interval (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13), the interval
+  `scipy.stats.bootstrap(method="percentile")` computes, written out in numpy (a report computes
+  thousands of them; scipy's general machinery costs 5x the arithmetic) and tested equal to
+  scipy's. Given one value per subject it is the cluster
   (subject-level) bootstrap: whole subjects are resampled, so slices of one subject never count
   as independent evidence. Non-finite values are left out and counted.
 - `two_level_bootstrap_ci`: the same with replicate seeds, which scipy does not do: resample the
@@ -23,7 +25,7 @@ The primitives take plain arrays and return plain numbers, so each can be checke
 
 from __future__ import annotations
 
-import inspect
+import functools
 import math
 from dataclasses import dataclass
 
@@ -42,7 +44,6 @@ NOISE_RULE = (f"an effect is within training noise when |mean effect| < {NOISE_M
               f"alone gives the difference of the two sides' seed-averaged means, sigma x sqrt(v_a + v_b), where sigma "
               f"is the pooled seed-to-seed SD of a configuration's mean and v = mean(1/seeds) / configurations for "
               f"each side (sqrt(2 / n_seeds) x sigma for two single configurations with n_seeds seeds each)")
-_SCIPY_RNG = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,12 @@ def bootstrap_mean_ci(values, n_resamples: int = BOOTSTRAP_RESAMPLES, confidence
                       seed: int = 0) -> MeanCI:
     """Mean of `values` (one per unit) with a percentile-bootstrap CI: the cluster bootstrap.
 
-    `scipy.stats.bootstrap((values,), np.mean, method="percentile", vectorized=True)` with
-    `np.random.default_rng(seed)`: it draws one `(n_resamples, n)` index matrix with
-    `rng.integers(0, n, ...)`, takes each resample's mean, and reads the bounds off the resample
+    What `scipy.stats.bootstrap((values,), np.mean, method="percentile", vectorized=True)` computes
+    with `np.random.default_rng(seed)`, step by step: draw one `(n_resamples, n)` index matrix with
+    `rng.integers(0, n, ...)`, take each resample's mean, and read the bounds off the resample
     means' percentiles at `(1 - confidence) / 2` and `(1 + confidence) / 2` (linear
-    interpolation). NaN and infinite values are left out of both the mean and the resampling,
-    and counted.
+    interpolation); tests/analysis/test_statistics.py checks it against scipy. NaN and infinite
+    values are left out of both the mean and the resampling, and counted.
     """
     array = np.asarray(values, dtype=float).ravel()
     finite = array[np.isfinite(array)]
@@ -83,10 +84,20 @@ def bootstrap_mean_ci(values, n_resamples: int = BOOTSTRAP_RESAMPLES, confidence
     mean = float(finite.mean())
     if n == 1:
         return MeanCI(mean, mean, mean, 1, missing)
-    result = stats.bootstrap((finite,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
-                             method="percentile", vectorized=True, **{_SCIPY_RNG: np.random.default_rng(seed)})
-    interval = result.confidence_interval
-    return MeanCI(mean, float(interval.low), float(interval.high), n, missing)
+    resampled = _resample_counts(n, n_resamples, seed) @ finite / n  # each resample's mean
+    low, high = np.percentile(resampled, [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2])
+    return MeanCI(mean, float(low), float(high), n, missing)
+
+
+@functools.lru_cache(maxsize=32)
+def _resample_counts(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    """How often each of n units is drawn in each resample of `bootstrap_mean_ci`: the rows of
+    `np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))`, counted. The draws depend
+    only on (n, n_resamples, seed), and a report asks for thousands of intervals over the same
+    units, so they are drawn once (read-only)."""
+    counts = _counts(np.random.default_rng(seed).integers(0, n, size=(n_resamples, n)), n)
+    counts.setflags(write=False)
+    return counts
 
 
 def _counts(indices: np.ndarray, size: int) -> np.ndarray:
@@ -335,15 +346,10 @@ def replicate_matrices(results, configurations: list[str], metric: str = "dice",
     """Per configuration, its units x replicates table of `metric` (columns: its evaluations in
     seed order; source `unit`: results.unit_scores, `3d`: per_subject.csv). Configurations with no
     evaluation in the table are left out."""
-    table = _table(results, metric, source)
-    if table.empty:
+    if _table(results, metric, source).empty:
         return []
-    matrices = []
-    for key in configurations:
-        columns = [e for e in results.replicates(key) if e in table.columns]
-        if columns:
-            matrices.append(table[columns])
-    return matrices
+    matrices = [results.replicate_scores(key, metric, source) for key in configurations]
+    return [matrix for matrix in matrices if matrix.shape[1]]
 
 
 def unit_values(results, configurations: list[str], metric: str = "dice", source: str = "unit") -> pd.Series:
@@ -388,6 +394,10 @@ def summary_table(results, seed: int = 0) -> pd.DataFrame:
     rows = []
     factors = results.grid_factors + results.searched_factors
     per_image = results.per_image
+    by_configuration = per_image["configuration"]
+    scores = by_configuration.value_counts()
+    hd95_missing = (~np.isfinite(pd.to_numeric(per_image["hd95"], errors="coerce"))).groupby(by_configuration).sum()
+    penalised = pd.to_numeric(per_image["hd95_penalised"], errors="coerce").groupby(by_configuration).sum(min_count=1)
     for _, conf in results.configurations.iterrows():
         key = conf["configuration"]
         row = {"label": conf["label"], "configuration": key, "evaluation": ", ".join(conf["evaluations"]),
@@ -402,36 +412,48 @@ def summary_table(results, seed: int = 0) -> pd.DataFrame:
                 row["n"] = ci.n
             if metric == "hd95":
                 row["hd95_n"] = ci.n
-        rows_of = per_image[per_image["configuration"] == key]
-        hd95 = pd.to_numeric(rows_of["hd95"], errors="coerce")
-        penalised = pd.to_numeric(rows_of["hd95_penalised"], errors="coerce")
-        row.update(hd95_scores=len(rows_of), hd95_missing=int((~np.isfinite(hd95)).sum()),
-                   hd95_penalised=float(penalised.sum()) if penalised.notna().any() else math.nan,
+        row.update(hd95_scores=int(scores.get(key, 0)), hd95_missing=int(hd95_missing.get(key, 0)),
+                   hd95_penalised=float(penalised.get(key, math.nan)),
                    dice_seed_sd=seed_sd(replicate_matrices(results, [key], "dice")[0]),
                    val_dice=conf["val_dice"], epochs_run=conf["epochs_run"], seconds=conf["seconds"],
-                   image_encoder_params=conf["image_encoder_params"])
+                   image_encoder_params=conf["image_encoder_params"], trainable_params=conf["trainable_params"])
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def best_configuration(results, candidates: pd.DataFrame) -> tuple[str | None, str]:
-    """The best of `candidates` (rows of results.configurations) and the rule that chose it.
+def rank_configurations(results, candidates: pd.DataFrame) -> tuple[list[str], str]:
+    """`candidates` (rows of results.configurations), best first, and the rule that ranked them.
 
-    Chosen by validation Dice, the mean over the configuration's seeds (highest first), so the
-    test numbers reported for it are not selected on the test set; among equal validation Dice a
-    primary evaluation (the prompt its trials' summaries refer to) wins, then the first key. When
-    no candidate has a validation Dice, the highest mean test Dice (over units, seeds averaged) is
-    used, and the rule says so.
+    Ranked by validation Dice, the mean over the configuration's seeds (highest first; none last),
+    so the test numbers reported for the top ones are not selected on the test set; among equal
+    validation Dice a primary evaluation (the prompt its trials' summaries refer to) comes first,
+    then the keys in order. When no candidate has a validation Dice, by mean test Dice (over
+    units, seeds averaged), and the rule says so.
     """
     if candidates.empty:
-        return None, ""
+        return [], ""
     if candidates["val_dice"].notna().any():
         ranked = candidates.assign(_primary=candidates["primary"].astype(bool)).sort_values(
             ["val_dice", "_primary", "configuration"], ascending=[False, False, True], na_position="last")
         seeds = " (mean over seeds)" if (candidates["seeds"] > 1).any() else ""
-        return ranked["configuration"].iloc[0], f"highest validation Dice{seeds}"
+        return list(ranked["configuration"]), f"highest validation Dice{seeds}"
     means = pd.Series({key: float(unit_values(results, [key]).mean()) for key in candidates["configuration"]})
-    return means.sort_values(ascending=False, kind="stable").index[0], "highest test Dice (no validation Dice recorded)"
+    return list(means.sort_values(ascending=False, kind="stable").index), "highest test Dice (no validation Dice recorded)"
+
+
+def best_configuration(results, candidates: pd.DataFrame) -> tuple[str | None, str]:
+    """The best of `candidates` (rows of results.configurations), the first of `rank_configurations`,
+    and the rule that chose it; (None, "") when there is no candidate."""
+    ranked, rule = rank_configurations(results, candidates)
+    return (ranked[0] if ranked else None), rule
+
+
+def level_configurations(results, factor: str) -> list[tuple]:
+    """(level, the keys of the fine-tuned configurations at that level) per level of `factor`, in
+    `factor_levels` order."""
+    finetuned = _finetuned(results)
+    return [(level, list(finetuned.loc[_same(finetuned[factor], level), "configuration"]))
+            for level in factor_levels(results, factor)]
 
 
 def marginal_means(results, factor: str, seed: int = 0, metric: str = "dice") -> pd.DataFrame:
@@ -445,8 +467,7 @@ def marginal_means(results, factor: str, seed: int = 0, metric: str = "dice") ->
     """
     finetuned = _finetuned(results)
     rows = []
-    for level in factor_levels(results, factor):
-        keys = list(finetuned.loc[_same(finetuned[factor], level), "configuration"])
+    for level, keys in level_configurations(results, factor):
         ci = configuration_ci(results, keys, metric, seed)
         sd, _ = pooled_seed_sd(replicate_matrices(results, keys, metric))
         rows.append({"factor": factor, "level": format_level(level), "cells": len(keys),
@@ -459,14 +480,22 @@ def marginal_means(results, factor: str, seed: int = 0, metric: str = "dice") ->
 def cell_means(results, rows: str, columns: str, stage: str = FINETUNE, metric: str = "dice") -> pd.DataFrame:
     """Mean `metric` per (rows level, columns level): per unit the mean over the configurations of
     that cell (over the other factors) of the seed-averaged value, averaged over units; NaN where
-    none ran."""
+    none ran. The table's index and columns are named `rows` and `columns`, their levels in
+    `factor_levels` order where that names them all."""
     chosen = results.configurations[results.configurations["stage"] == stage]
     table = {}
     for (r, c), group in chosen.groupby([rows, columns], dropna=False):
         table[(r, c)] = float(unit_values(results, list(group["configuration"]), metric).mean())
     if not table:
         return pd.DataFrame()
-    return pd.Series(table).unstack()
+    table = pd.Series(table).unstack()
+
+    def ordered(factor: str, present: pd.Index) -> list:
+        levels = factor_levels(results, factor) if factor in results.evaluations else []
+        return levels if sorted(map(str, levels)) == sorted(map(str, present)) else list(present)
+
+    table = table.reindex(index=ordered(rows, table.index), columns=ordered(columns, table.columns))
+    return table.rename_axis(index=rows, columns=columns)
 
 
 def _noise_clause(test: dict) -> str:
@@ -608,6 +637,59 @@ def _test_row(results, factor, comparison, level_a, level_b, keys_a, keys_b, con
     return row
 
 
+HOLDS_UP_RULE = (f"a difference holds up when section 5's paired Wilcoxon test of the two levels is significant "
+                 f"after Holm (p < {ALPHA}) and the effect lies beyond training noise (the rule of 'Factor effects "
+                 f"beside training noise'); with one seed per configuration the second half cannot be checked")
+
+
+def factor_verdicts(tests: pd.DataFrame, marginals: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per grid factor: which level wins and whether its lead over the runner-up holds up.
+
+    `marginals` maps each grid factor to its `marginal_means` table, `tests` is `factor_tests`
+    (section 5's family). The winner is the level with the highest marginal mean, the runner-up
+    the second highest; their test is the `pooled` row of the pair (per unit the mean over the
+    other factors' cells, as the marginal means are), or `held at best` where the factor has no
+    pooled row (no other grid factor). `holds_up` follows HOLDS_UP_RULE: True when p_holm < ALPHA
+    and `within_noise` is False; False when not significant or within noise; None when the pair
+    was not tested, or is significant but the noise is not measured (one seed).
+    """
+    rows = []
+    for factor, marginal in marginals.items():
+        ranked = marginal.dropna(subset=["mean"]).sort_values("mean", ascending=False, kind="stable")
+        if len(ranked) < 2:
+            continue
+        winner, runner_up = ranked.iloc[0], ranked.iloc[1]
+        row = {"factor": factor, "winner": winner["level"], "winner_mean": winner["mean"],
+               "winner_low": winner["low"], "winner_high": winner["high"], "winner_cells": winner["cells"],
+               "runner_up": runner_up["level"], "runner_up_mean": runner_up["mean"], "runner_up_cells": runner_up["cells"],
+               "levels": len(ranked)}
+        pair = {winner["level"], runner_up["level"]}
+        of_factor = tests[tests["factor"] == factor] if len(tests) else tests
+        matching = of_factor[[{format_level(a), format_level(b)} == pair
+                              for a, b in zip(of_factor["level_a"], of_factor["level_b"])]] if len(of_factor) else of_factor
+        if matching.empty:
+            rows.append({**row, "comparison": "", "holds_up": None})
+            continue
+        chosen = matching[matching["comparison"] == "pooled"]
+        test = (chosen if len(chosen) else matching).iloc[0]
+        sign = 1.0 if format_level(test["level_a"]) == winner["level"] else -1.0
+        significant = bool(np.isfinite(test["p_holm"]) and test["p_holm"] < ALPHA)
+        noise = test["within_noise"]
+        noise = None if noise is None or (isinstance(noise, float) and math.isnan(noise)) else bool(noise)
+        if not np.isfinite(test["p"]):
+            holds_up = None
+        elif not significant or noise is True:
+            holds_up = False
+        else:
+            holds_up = None if noise is None else True
+        rows.append({**row, "comparison": test["comparison"], "n": test["n"], "unit": test["unit"], "p": test["p"],
+                     "p_holm": test["p_holm"], "significant": significant,
+                     "median_difference": sign * test["median_difference"],
+                     "mean_difference": sign * test["mean_difference"], "noise_sd": test["noise_sd"],
+                     "within_noise": noise, "holds_up": holds_up})
+    return pd.DataFrame(rows)
+
+
 def zero_shot_change(results, seed: int = 0, metric: str = "dice") -> pd.DataFrame:
     """Zero-shot -> fine-tuned change of subject-level `metric`, per backbone x evaluated prompt.
 
@@ -720,11 +802,15 @@ def subject_3d_table(results, seed: int = 0) -> pd.DataFrame:
     per_subject = results.per_subject
     if per_subject is None or per_subject.empty:
         return pd.DataFrame()
+    by_configuration = per_subject["configuration"]
+    scores = by_configuration.value_counts()
+    penalised = pd.to_numeric(per_subject["hd95_3d_penalised"], errors="coerce").groupby(by_configuration).sum(
+        min_count=1)
+    slices = pd.to_numeric(per_subject["slices"], errors="coerce").groupby(by_configuration).median()
     rows = []
     for _, conf in results.configurations.iterrows():
         key = conf["configuration"]
-        chosen = per_subject[per_subject["configuration"] == key]
-        if chosen.empty:
+        if key not in scores.index:
             continue
         row = {"label": conf["label"], "configuration": key, "stage": conf["stage"], "seeds": int(conf["seeds"])}
         for metric in SUBJECT_3D_METRICS:
@@ -732,10 +818,9 @@ def subject_3d_table(results, seed: int = 0) -> pd.DataFrame:
             row.update({f"{metric}_mean": ci.mean, f"{metric}_low": ci.low, f"{metric}_high": ci.high})
             if metric == "dice_3d":
                 row["n"] = ci.n
-        penalised = pd.to_numeric(chosen["hd95_3d_penalised"], errors="coerce")
-        row["hd95_3d_penalised"] = float(penalised.sum()) if penalised.notna().any() else math.nan
-        row["scores"] = len(chosen)
-        row["slices"] = float(pd.to_numeric(chosen["slices"], errors="coerce").median())
+        row["hd95_3d_penalised"] = float(penalised.get(key, math.nan))
+        row["scores"] = int(scores[key])
+        row["slices"] = float(slices.get(key, math.nan))
         rows.append(row)
     return pd.DataFrame(rows)
 

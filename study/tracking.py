@@ -343,10 +343,14 @@ class StudyTracker:
             self._client.set_tag(self.parent_run_id, NOTE_TAG, str(text)[:MAX_NOTE_CHARS])
 
     def log_parent_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
-        """Log every file under `folder` on the parent run, under `artifact_path` (e.g. "report")."""
+        """Log every file under `folder` on the parent run, under `artifact_path` (e.g. "report"); a
+        report's leaderboard is marked as an MLflow table (analysis.report.register_mlflow_tables)."""
+        from analysis.report import register_mlflow_tables  # here: the driver imports the report only to write one
+
         self._require_parent()
         with self._store_errors(f"logging {folder} on the parent run"):
             self._client.log_artifacts(self.parent_run_id, str(folder), artifact_path)
+            register_mlflow_tables(self._client, self.parent_run_id, folder, artifact_path)
 
     # --- trial runs -----------------------------------------------------------------------------
 

@@ -27,6 +27,8 @@ from analysis.overlays import sanitise_image_id
 IMAGES = [f"case_{i:02d}.png" for i in range(1, 9)]  # 2D images, each its own subject
 AREAS = [120, 300, 800, 1500, 2600, 4000, 6500, 9000]
 BACKBONES = {"sam_b": ("sam", 89_670_912), "litemedsam": ("litemedsam", 5_659_216)}
+#: Parameters a fine-tuning trial trains (its decoder and prompt encoder); zero-shot trials train none.
+TRAINED_PARAMS = {"sam_b": 4_064_116, "litemedsam": 4_058_340}
 NAN = np.nan
 
 # trial_id -> (stage, backbone, prompt, per-image Dice, per-image HD95, val_dice)
@@ -89,7 +91,8 @@ def write_study(study_dir: Path, with_predictions: bool = True) -> Path:
             "epochs": 3 if finetune else None, "batch_size": 4 if finetune else None,
             "grad_accum": 1 if finetune else None, "epochs_run": 3 if finetune else 0, "val_dice": val_dice,
             "test_dice": float(np.mean(dice)), "test_iou": float(np.mean(iou)), "test_miou": float(np.mean((iou + 0.98) / 2)),
-            "test_hd95": float(np.nanmean(hd95)), "seconds": float(seconds)})
+            "test_hd95": float(np.nanmean(hd95)), "seconds": float(seconds),
+            "trainable_params": TRAINED_PARAMS[backbone] if finetune else 0})
         for index, image_id in enumerate(IMAGES):
             per_image.append({"trial_id": trial_id, "stage": stage, "image_id": image_id,
                               "subject": image_id.split(".")[0], "slice": 0, "area": AREAS[index],
@@ -250,6 +253,79 @@ def write_seeded_study(study_dir: Path) -> Path:
     return study_dir
 
 
+# --- the fixture study with its baselines: U-Net arms and corrective clicks ------------------------------
+
+CLICKS = 3
+GAIN = {"sam_b": 0.5, "litemedsam": 0.2}  # the share of the remaining error each click removes
+UNET_DICE = {"unet": [0.50, 0.61, 0.66, 0.72, 0.74, 0.83, 0.86, 0.90],
+             "unet_box": [0.55, 0.66, 0.75, 0.79, 0.82, 0.86, 0.90, 0.92]}
+UNET_PARAMS = 20_611_713
+
+
+def click_curve(start: float, backbone: str) -> list[float]:
+    """Dice after 0..CLICKS clicks: each click removes GAIN[backbone] of the remaining error."""
+    values = [start]
+    for _ in range(CLICKS):
+        values.append(values[-1] + (1 - values[-1]) * GAIN[backbone])
+    return values
+
+
+def add_unet_arms(study: Path) -> None:
+    """Add the U-Net baseline's two arms (stage unet: unet and unet_box, one seed) to a write_study folder."""
+    results = study / "results"
+    trials = pd.read_csv(results / "trials.csv")
+    per_image = pd.read_csv(results / "per_image.csv")
+    new_trials, new_rows = [], []
+    for backbone, dice in UNET_DICE.items():
+        trial_id = f"{backbone}-0"
+        new_trials.append({"trial_id": trial_id, "stage": "unet", "status": "TERMINATED", "backbone": backbone,
+                           "family": "unet", "image_encoder_params": UNET_PARAMS, "optimizer": "adamw",
+                           "loss": "dice_bce", "lr": 1e-3, "epochs": 50, "batch_size": 8, "epochs_run": 50,
+                           "val_dice": 0.8, "test_dice": float(np.mean(dice)), "seconds": 100.0})
+        prompt = "box" if backbone == "unet_box" else "none"
+        for index, (image_id, value) in enumerate(zip(IMAGES, dice)):
+            new_rows.append({"trial_id": trial_id, "stage": "unet", "image_id": image_id,
+                             "subject": image_id.split(".")[0], "slice": 0, "area": 100 * (index + 1), "prompt": prompt,
+                             "dice": value, "iou": float(iou_from_dice(value)), "miou": 0.9, "hd95": 5.0,
+                             "hd95_mm": 4.5})
+    pd.concat([trials, pd.DataFrame(new_trials)]).to_csv(results / "trials.csv", index=False)
+    pd.concat([per_image, pd.DataFrame(new_rows)]).to_csv(results / "per_image.csv", index=False)
+
+
+def add_click_curves(study: Path) -> pd.DataFrame:
+    """Write results/per_click.csv for the SAM evaluations of a write_study folder (a U-Net takes no
+    clicks): click_curve from each image's Dice; returns its rows."""
+    rows = []
+    for trial_id, (stage, backbone, prompt, dice, _, _) in EVALUATIONS.items():
+        for image_id, start in zip(IMAGES, dice):
+            for k, value in enumerate(click_curve(start, backbone)):
+                rows.append({"trial_id": trial_id, "stage": stage, "seed": 0 if stage == "finetune" else None,
+                             "image_id": image_id, "subject": image_id.split(".")[0], "prompt": prompt, "click": k,
+                             "dice": value, "iou": value / (2 - value), "click_x": None if k == 0 else 3.0,
+                             "click_y": None if k == 0 else 4.0, "click_label": None if k == 0 else 1})
+    pd.DataFrame(rows).to_csv(study / "results" / "per_click.csv", index=False)
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="session")
+def baselines_study(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    """The fixture study (no saved predictions) with the U-Net arms and corrective clicks
+    (evaluation.clicks: CLICKS); returns the folder and the per_click.csv rows."""
+    study = write_study(tmp_path_factory.mktemp("baselines") / "baselines-study", with_predictions=False)
+    add_unet_arms(study)
+    return study, add_click_curves(study)
+
+
+@pytest.fixture(scope="session")
+def baselines_report(baselines_study, tmp_path_factory) -> Path:
+    """The baselines study's report, built once by the command-line entry point into a folder of its own."""
+    from analysis.report import main
+
+    out = tmp_path_factory.mktemp("baselines-report") / "report"
+    assert main([str(baselines_study[0]), "--out", str(out)]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def seeded_study_dir(tmp_path_factory) -> Path:
     return write_seeded_study(tmp_path_factory.mktemp("seeded") / "seeded-study")
@@ -333,7 +409,8 @@ def log_to_mlflow(study_dir, tracking_uri, artifacts, experiment: str = "fixture
                    for _, epoch in history[history["trial_id"] == trial["trial_id"]].iterrows()
                    for name in ("val_dice", "val_iou", "train_loss", "val_loss")]
         metrics += [Metric(name, trial[name], 0, 0) for name in
-                    ("test_dice", "test_iou", "test_miou", "test_hd95", "epochs_run", "seconds") if pd.notna(trial[name])]
+                    ("test_dice", "test_iou", "test_miou", "test_hd95", "epochs_run", "seconds", "trainable_params")
+                    if name in trial and pd.notna(trial[name])]
         params = [Param(p.key, str(int(float(p.value)))) if p.key == "seed" else p for p in params]
         if trial["stage"] == "zero_shot":
             metrics.append(Metric("val_dice", trial["val_dice"], 0, 0))

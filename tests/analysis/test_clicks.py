@@ -11,40 +11,16 @@ import pytest
 from scipy import stats
 
 from analysis.clicks import click_auc
-from analysis.report import main as report_main
-from analysis.results import ResultsError, load_study
+from analysis.results import ResultsError, load_from_mlflow, load_study
 from analysis.statistics import configuration_ci, factor_tests
-from analysis.results import load_from_mlflow
-from tests.analysis.conftest import EVALUATIONS, IMAGES, log_to_mlflow, write_study
-
-CLICKS = 3
-GAIN = {"sam_b": 0.5, "litemedsam": 0.2}  # the share of the remaining error each click removes
-
-
-def curve(start: float, backbone: str) -> list[float]:
-    values = [start]
-    for _ in range(CLICKS):
-        values.append(values[-1] + (1 - values[-1]) * GAIN[backbone])
-    return values
-
-
-def write_click_study(folder) -> tuple:
-    study = write_study(folder / "click-study", with_predictions=False)
-    rows = []
-    for trial_id, (stage, backbone, prompt, dice, _, _) in EVALUATIONS.items():
-        for image_id, start in zip(IMAGES, dice):
-            for k, value in enumerate(curve(start, backbone)):
-                rows.append({"trial_id": trial_id, "stage": stage, "seed": 0 if stage == "finetune" else None,
-                             "image_id": image_id, "subject": image_id.split(".")[0], "prompt": prompt, "click": k,
-                             "dice": value, "iou": value / (2 - value), "click_x": None if k == 0 else 3.0,
-                             "click_y": None if k == 0 else 4.0, "click_label": None if k == 0 else 1})
-    pd.DataFrame(rows).to_csv(study / "results" / "per_click.csv", index=False)
-    return study, pd.DataFrame(rows)
+from tests.analysis.conftest import EVALUATIONS, IMAGES, log_to_mlflow
+from tests.analysis.conftest import click_curve as curve
 
 
 @pytest.fixture(scope="module")
-def click_study(tmp_path_factory):
-    return write_click_study(tmp_path_factory.mktemp("clicks"))
+def click_study(baselines_study):
+    """The fixture study with click curves (and the U-Net arms, which take no clicks)."""
+    return baselines_study
 
 
 def test_the_auc_is_the_normalised_trapezoid_area():
@@ -82,10 +58,8 @@ def test_paired_tests_of_the_auc_are_scipys_wilcoxon_on_the_per_image_aucs(click
     assert "click AUC" in row["sentence"] and "sam_b beats litemedsam" in row["sentence"]
 
 
-def test_the_report_has_click_curves_a_dice_at_k_and_auc_table_and_the_auc_tests(click_study, tmp_path):
-    study, _ = click_study
-    out = tmp_path / "report"
-    assert report_main([str(study), "--out", str(out)]) == 0
+def test_the_report_has_click_curves_a_dice_at_k_and_auc_table_and_the_auc_tests(baselines_report):
+    out = baselines_report
     text = (out / "report.md").read_text()
     assert "## 6. Corrective clicks" in text and "## 7." not in text  # no importance: a grid search
     assert (out / "figures" / "click_curves.png").stat().st_size > 0

@@ -16,11 +16,12 @@ from analysis.overlays import FALSE_NEGATIVE, FALSE_POSITIVE, TRUE_POSITIVE, TRU
 from analysis.report import main
 from analysis.results import load_from_mlflow, load_study
 from analysis.statistics import factor_tests, holm, marginal_means, summary_table, zero_shot_change
-from tests.analysis.conftest import (EVALUATIONS, FAILED_TRIAL, IMAGES, iou_from_dice, log_to_mlflow,
+from tests.analysis.conftest import (EVALUATIONS, FAILED_TRIAL, IMAGES, TRAINED_PARAMS, iou_from_dice, log_to_mlflow,
                                      reference_bootstrap, write_searched_study)
 
-FIGURES = ["ablation_backbone", "ablation_prompt", "interaction_backbone_prompt", "model_size", "box_dice",
-           "box_hd95", "dice_vs_area", "learning_curves", "overlays_best_config"]
+FIGURES = ["ablation_backbone", "ablation_prompt", "box_dice_by_level", "interaction_backbone_prompt", "interactions",
+           "model_size", "box_dice", "box_hd95", "dice_vs_area", "learning_curves", "overlays_best_config",
+           "worst_images_best_config", "overlays_per_backbone"]
 
 
 def dice_of(trial_id):
@@ -67,6 +68,10 @@ def test_summary_csv_and_markdown_carry_the_same_numbers(built_report, results):
     mean = dice_of("ft_lite_point").mean()
     assert f"| litemedsam · center_point | finetune | TERMINATED | 1 | 8 | {mean:.3f} [{low:.3f}, {high:.3f}]" in markdown
     assert FAILED_TRIAL in markdown                             # listed among trials without results
+    # what each trial's optimiser updated (trials.csv), beside the encoder's size
+    assert written.loc["ft_lite_point", "trainable_params"] == TRAINED_PARAMS["litemedsam"] == 4_058_340
+    assert written.loc["zs_sam_b_box", "trainable_params"] == 0
+    assert "| 5.7 M | 4.1 M | 0.740 |" in markdown and "| 89.7 M | 0 | 0.660 |" in markdown
 
 
 def test_paired_tests_equal_scipy_on_hand_matched_images(results):
@@ -128,7 +133,8 @@ def test_every_figure_is_written_and_the_report_mentions_it(built_report):
             assert min(image.size) > 100
         assert f"figures/{name}.png" in markdown
         assert f"<figure id='{name}'>" in page
-    for table in ("summary", "zero_shot_change", "marginal_means", "paired_tests", "model_size"):
+    for table in ("leaderboard", "best_per_backbone", "summary", "zero_shot_change", "marginal_means", "paired_tests",
+                  "model_size", "worst_images"):
         assert (built_report / "tables" / f"{table}.csv").stat().st_size > 0
     assert "http://" not in page and "https://" not in page
     assert len(re.findall(r"<img src='data:image/png;base64,", page)) == len(FIGURES)
@@ -193,7 +199,7 @@ def test_mlflow_reading_equals_the_study_folder_and_the_report_is_logged(study_d
     from_folder, from_mlflow = load_study(study), load_from_mlflow(uri, "fixture-study")
     assert from_mlflow.name == "fixture-study"
     columns = ["trial_id", "stage", "status", "backbone", "family", "image_encoder_params", "prompt", "lr",
-               "val_dice", "test_dice", "test_hd95", "epochs_run", "seconds"]
+               "val_dice", "test_dice", "test_hd95", "epochs_run", "seconds", "trainable_params"]
     folder_trials = from_folder.trials[columns].sort_values("trial_id").reset_index(drop=True)
     mlflow_trials = from_mlflow.trials[columns].sort_values("trial_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(folder_trials, mlflow_trials, check_dtype=False)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.statistics import (bootstrap_mean_ci, difference_noise_sd, format_p, holm, paired_wilcoxon,
-                                 pooled_seed_sd, rank_biserial, seed_sd, within_noise)
+from analysis.statistics import (bootstrap_mean_ci, difference_noise_sd, factor_verdicts, format_p, holm,
+                                 paired_wilcoxon, pooled_seed_sd, rank_biserial, seed_sd, within_noise)
 from tests.analysis.conftest import reference_bootstrap
 
 
@@ -153,3 +154,37 @@ def test_noise_sd_of_a_difference_and_the_within_noise_rule():
     assert math.isnan(difference_noise_sd(float("nan"), [1], [1]))
     assert within_noise(0.05, 0.03) is True and within_noise(0.07, 0.03) is False
     assert within_noise(-0.07, 0.03) is False and within_noise(0.01, float("nan")) is None
+
+
+def test_factor_verdicts_pick_the_winner_and_apply_the_holds_up_rule():
+    """The winner is the highest marginal mean, its test the pooled row of winner vs runner-up (the
+    held-at-best row where there is no pooled one); holds up = significant after Holm and beyond noise."""
+    def marginal(means):
+        return pd.DataFrame({"level": list(means), "mean": list(means.values()), "low": 0.0, "high": 1.0, "cells": 2})
+
+    def test(factor, comparison, a, b, p_holm, within, difference):
+        return {"factor": factor, "comparison": comparison, "level_a": a, "level_b": b, "n": 10, "unit": "subject",
+                "p": p_holm / 3, "p_holm": p_holm, "median_difference": difference, "mean_difference": difference,
+                "noise_sd": 0.01, "within_noise": within}
+
+    marginals = {"backbone": marginal({"a": 0.70, "b": 0.80, "c": 0.75}), "loss": marginal({"x": 0.6, "y": 0.5}),
+                 "prompt": marginal({"box": 0.9, "point": 0.4}), "optimizer": marginal({"adam": 0.7, "sgd": 0.69}),
+                 "lr": marginal({"0.001": 0.7, "0.0001": 0.6})}
+    tests = pd.DataFrame([
+        test("backbone", "held at best", "b", "c", 0.9, False, 0.05),   # not the row used: a pooled one exists
+        test("backbone", "pooled", "b", "c", 0.01, False, 0.05),
+        test("backbone", "pooled", "a", "b", 0.01, False, -0.1),
+        test("loss", "pooled", "y", "x", 0.01, True, -0.1),             # the runner-up first: the sign flips
+        test("prompt", "pooled", "box", "point", 0.001, None, 0.5),     # one seed: noise not measured
+        test("optimizer", "pooled", "adam", "sgd", 0.2, None, 0.01),
+        test("lr", "held at best", 0.001, 0.0001, 0.01, False, 0.1),    # no pooled row: held at best; numeric levels
+    ])
+    verdicts = factor_verdicts(tests, marginals).set_index("factor")
+    assert verdicts.loc["backbone", ["winner", "runner_up", "comparison"]].tolist() == ["b", "c", "pooled"]
+    assert verdicts.loc["backbone", "holds_up"] is True and verdicts.loc["backbone", "p_holm"] == 0.01
+    assert verdicts.loc["loss", "winner"] == "x" and verdicts.loc["loss", "mean_difference"] == pytest.approx(0.1)
+    assert verdicts.loc["loss", "holds_up"] is False                     # significant but within training noise
+    assert verdicts.loc["prompt", "holds_up"] is None and verdicts.loc["prompt", "significant"]
+    assert verdicts.loc["optimizer", "holds_up"] is False and not verdicts.loc["optimizer", "significant"]
+    assert verdicts.loc["lr", ["winner", "comparison"]].tolist() == ["0.001", "held at best"]
+    assert verdicts.loc["lr", "holds_up"] is True

@@ -8,38 +8,15 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.report import main as report_main
 from analysis.results import load_study
 from analysis.statistics import factor_tests, unet_comparison
-from tests.analysis.conftest import EVALUATIONS, IMAGES, iou_from_dice, write_study
-
-UNET_DICE = {"unet": [0.50, 0.61, 0.66, 0.72, 0.74, 0.83, 0.86, 0.90],
-             "unet_box": [0.55, 0.66, 0.75, 0.79, 0.82, 0.86, 0.90, 0.92]}
-UNET_PARAMS = 20_611_713
+from tests.analysis.conftest import EVALUATIONS, UNET_DICE, UNET_PARAMS
 
 
 @pytest.fixture(scope="module")
-def unet_study(tmp_path_factory):
-    study = write_study(tmp_path_factory.mktemp("unet") / "unet-study", with_predictions=False)
-    results = study / "results"
-    trials = pd.read_csv(results / "trials.csv")
-    per_image = pd.read_csv(results / "per_image.csv")
-    new_trials, new_rows = [], []
-    for backbone, dice in UNET_DICE.items():
-        trial_id = f"{backbone}-0"
-        new_trials.append({"trial_id": trial_id, "stage": "unet", "status": "TERMINATED", "backbone": backbone,
-                           "family": "unet", "image_encoder_params": UNET_PARAMS, "optimizer": "adamw",
-                           "loss": "dice_bce", "lr": 1e-3, "epochs": 50, "batch_size": 8, "epochs_run": 50,
-                           "val_dice": 0.8, "test_dice": float(np.mean(dice)), "seconds": 100.0})
-        prompt = "box" if backbone == "unet_box" else "none"
-        for index, (image_id, value) in enumerate(zip(IMAGES, dice)):
-            new_rows.append({"trial_id": trial_id, "stage": "unet", "image_id": image_id,
-                             "subject": image_id.split(".")[0], "slice": 0, "area": 100 * (index + 1), "prompt": prompt,
-                             "dice": value, "iou": float(iou_from_dice(value)), "miou": 0.9, "hd95": 5.0,
-                             "hd95_mm": 4.5})
-    pd.concat([trials, pd.DataFrame(new_trials)]).to_csv(results / "trials.csv", index=False)
-    pd.concat([per_image, pd.DataFrame(new_rows)]).to_csv(results / "per_image.csv", index=False)
-    return study
+def unet_study(baselines_study):
+    """The fixture study with the U-Net arms (and click curves, which the U-Net tests do not read)."""
+    return baselines_study[0]
 
 
 def test_the_unet_arms_are_their_own_configurations_outside_the_sam_factor_tests(unet_study):
@@ -70,9 +47,8 @@ def test_the_best_sam_configuration_against_each_unet_arm_by_hand_and_scipy(unet
     assert len(table) == 2 and table["p_holm"].ge(table["p"]).all()
 
 
-def test_the_report_shows_the_unet_rows_the_comparison_and_the_model_size_point(unet_study, tmp_path):
-    out = tmp_path / "report"
-    assert report_main([str(unet_study), "--out", str(out)]) == 0
+def test_the_report_shows_the_unet_rows_the_comparison_and_the_model_size_point(baselines_report):
+    out = baselines_report
     text = (out / "report.md").read_text()
     assert "### Fine-tuned SAM against the U-Net baseline" in text and "| U-Net + box channel |" in text
     assert "not nnU-Net's full pipeline" in text
