@@ -1,12 +1,14 @@
 """The study runner end to end on a two-node Ray cluster (Ray's cluster utilities, one machine).
 
 One small phantom study design is shared: LiteMedSAM's real weights, a handful of slices, two
-short epochs. The prepared store and the embedding cache are shared by every study here, so
-the encoder runs once for the whole module.
+short epochs. The prepared store and the embedding cache are shared by every study here (and by
+the session's other phantom users, `phantom_folder` in tests/conftest.py), so the encoder runs
+once for the whole module; a study that needs its own cache starts from a copy.
 """
 
 import json
 import os
+import shutil
 import signal
 import threading
 import subprocess
@@ -41,8 +43,22 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return tmp_path_factory.mktemp("shared")
+def shared(phantom_folder):
+    """The folder of the phantom (`phantom/`) and of the cache (`cache/`) the studies share."""
+    return phantom_folder
+
+
+def copy_of_shared_cache(shared: Path, cache: Path) -> None:
+    """`cache` as a copy of the shared cache (what the tests before filled; an empty folder when
+    there is none yet), for a study that damages or empties part of its cache."""
+    if (shared / "cache").is_dir():
+        shutil.copytree(shared / "cache", cache)
+    cache.mkdir(parents=True, exist_ok=True)
+
+
+def cache_entries(cache: Path) -> list[Path]:
+    """The meta.json of every embedding-cache entry under `cache` (one per encoded image)."""
+    return list(cache.glob("embeddings/**/meta.json"))
 
 
 def write_grid(folder: Path, shared: Path, name: str, **sections) -> Path:
@@ -197,15 +213,27 @@ def test_a_driver_killed_during_encode_a_trial_and_the_report_resumes_without_re
     none re-run after it finished, one MLflow run each, none left RUNNING. The search is Optuna's
     (2 optimizer cells x 2 proposals of lr), whose state survives the kills: no proposal is lost
     or repeated, and every proposal is within its range."""
+    from study.config import load_config
+    from study.data.prepare import prepare_dataset
+
+    cache = tmp_path / "cache"
     grid = write_grid(tmp_path, shared, "resume", baseline={"zero_shot": False},
-                      study={"cache_dir": str(tmp_path / "cache")},  # its own cache: the encode stage has work
+                      study={"cache_dir": str(cache)},  # its own cache: the encode stage has work
                       factors={"lr": {"loguniform": [1.0e-5, 1.0e-3]}, "epochs": 1},
                       search={"algorithm": "optuna", "num_samples": 2}, resources={"max_concurrent": 1})
     study = tmp_path / "runs" / "resume"
-    cache = tmp_path / "cache"
+    # A copy of the shared cache without the entries of 4 of the study's images (all of them are
+    # missing when no test before filled it): 2 images for each of the two encode workers, an
+    # encoder pass of seconds each, so the first new entry comes with the stage still under way.
+    copy_of_shared_cache(shared, cache)
+    removed = {record.image_sha256 for record in prepare_dataset(load_config(grid), progress=False).records[:4]}
+    for meta in cache_entries(cache):
+        if json.loads(meta.read_text()).get("image_sha256") in removed:
+            shutil.rmtree(meta.parent)
+    held = len(cache_entries(cache))
 
-    def encoding() -> bool:
-        return any(cache.glob("embeddings/*/*/*/meta.json")) or any(cache.glob("embeddings/**/meta.json"))
+    def encoding() -> bool:  # the encode stage wrote an entry
+        return len(cache_entries(cache)) > held
 
     assert kill_when(start_driver(grid, cluster), encoding, "the encode stage")
     assert not final_entries(study), "killed during encode: no trial had finished"
@@ -264,8 +292,6 @@ def test_a_user_error_inside_a_worker_reaches_the_user_as_one_paragraph(cluster,
     """A prepared slice deleted after the store was written: met by a trial (its embedding is cached)
     and then by an encode worker (its embedding removed too), each time the study stops with the
     reader's one-paragraph message naming the file, exit 2, and no traceback."""
-    import shutil
-
     from foundation.embedding_cache import EmbeddingCache
     from study.config import load_config
     from study.data.prepare import prepare_dataset
@@ -275,8 +301,7 @@ def test_a_user_error_inside_a_worker_reaches_the_user_as_one_paragraph(cluster,
     cache = tmp_path / "cache"
     grid = write_grid(tmp_path, shared, "user-error", baseline={"zero_shot": False}, study={"cache_dir": str(cache)},
                       factors={"optimizer": "adamw", "epochs": 1}, report={"enabled": False})
-    if (shared / "cache").is_dir():  # its own copy of the module's store and cache (filled by the tests above)
-        shutil.copytree(shared / "cache", cache)
+    copy_of_shared_cache(shared, cache)  # its own copy of the module's store and cache (filled by the tests above)
     dataset = prepare_dataset(load_config(grid), progress=False)
     backbone = build("litemedsam", str(resolve_weights("litemedsam", None, {})), None, "cpu")
     EmbeddingCache.for_backbone(cache, backbone, dataset.key).ensure(backbone, dataset, dataset.records, progress=False)
