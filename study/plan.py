@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import product
 
 from search_spaces.grid import grid_axes, grid_cells
 from search_spaces.space import SearchPlan, SearchRange
@@ -161,26 +162,28 @@ def _adaptation_lines(cfg: StudyConfig, plan: StudyPlan) -> list[str]:
         return []
     train = sum(d.slices.get("train", 0) for d in plan.datasets)  # an epoch visits each slice once, as one view
     val = sum(d.images.get("val", 0) for d in plan.datasets)
+    # the distinct arms: adapt_blocks matters only to an arm that reads a prefix cache
+    arms = {}
+    for kind, lora_blocks, blocks in product(factors.adaptation, factors.lora_blocks, factors.adapt_blocks):
+        arm = Adaptation(kind, blocks, lora_blocks=lora_blocks if kind == "lora" else "all")
+        arms.setdefault((arm.kind, arm.lora_blocks, arm.cached_blocks), arm)
     lines = ["Adaptation (what trains besides the decoder; the encoder work of each trial per epoch):"]
-    for kind in factors.adaptation:
-        for lora_blocks in (factors.lora_blocks if kind == "lora" else ("all",)):
-            for blocks in (factors.adapt_blocks if Adaptation(kind, lora_blocks=lora_blocks).source == "prefix"
-                           else (None,)):
-                arm = Adaptation(kind, blocks or 0, lora_blocks=lora_blocks)
-                label = kind + (f" ({lora_blocks} blocks)" if kind == "lora" else "")
-                if arm.source == "embeddings":
-                    lines.append(f"  {label:<20} cached encoder output; no encoder pass in a trial")
-                elif arm.source == "pixels":
-                    lines.append(f"  {label:<20} no cache: the whole encoder runs in the trial, forward and backward "
-                                 f"on {train} training images and forward on {val} validation images per epoch")
-                else:
-                    sizes = ", ".join(
-                        f"{name} {sum(math.prod(shape) for shape in cache_entry_shapes(name, blocks).values()) * 2 / 1e6:.1f} MB"
-                        for name in factors.backbone)
-                    depth = ", ".join(f"{name} {get_spec(name).encoder_blocks}" for name in factors.backbone)
-                    lines.append(f"  {label + f' k={blocks}':<20} cached prefix before the last {blocks} blocks (float16 "
-                                 f"per image: {sizes}); the {blocks} tuned blocks (of {depth}) and the neck run on "
-                                 f"{train + val} images per epoch")
+    for arm in arms.values():
+        label = arm.kind + (f" ({arm.lora_blocks} blocks)" if arm.kind == "lora" else "")
+        blocks = arm.blocks
+        if arm.source == "embeddings":
+            lines.append(f"  {label:<20} cached encoder output; no encoder pass in a trial")
+        elif arm.source == "pixels":
+            lines.append(f"  {label:<20} no cache: the whole encoder runs in the trial, forward and backward "
+                         f"on {train} training images and forward on {val} validation images per epoch")
+        else:
+            sizes = ", ".join(
+                f"{name} {sum(math.prod(shape) for shape in cache_entry_shapes(name, blocks).values()) * 2 / 1e6:.1f} MB"
+                for name in factors.backbone)
+            depth = ", ".join(f"{name} {get_spec(name).encoder_blocks}" for name in factors.backbone)
+            lines.append(f"  {label + f' k={blocks}':<20} cached prefix before the last {blocks} blocks (float16 "
+                         f"per image: {sizes}); the {blocks} tuned blocks (of {depth}) and the neck run on "
+                         f"{train + val} images per epoch")
     return lines
 
 

@@ -194,8 +194,8 @@ class EncoderInTheLoop:
         size = self.max_batch or len(records)
         parts = []
         for start in range(0, len(records), size):
-            images = np.stack([self.dataset.load(r)[0] for r in records[start:start + size]])
-            parts.append(self.backbone.cache_features(self.backbone.preprocess(images), self.tuned_blocks))
+            pixels = encoder_pixels(self.backbone, self.dataset, records[start:start + size])
+            parts.append(self.backbone.cache_features(pixels, self.tuned_blocks))
         return {name: torch.cat([part[name] for part in parts]).half().to(device).float() for name in parts[0]}
 
 
@@ -209,8 +209,12 @@ class EncoderInput:
         self.dataset = dataset
 
     def batch(self, records: list[SliceRecord], device: str | torch.device) -> dict[str, torch.Tensor]:
-        images = np.stack([self.dataset.load(r)[0] for r in records])
-        return {"pixels": self.backbone.preprocess(images).to(device)}
+        return {"pixels": encoder_pixels(self.backbone, self.dataset, records).to(device)}
+
+
+def encoder_pixels(backbone: Backbone, dataset: PreparedDataset, records: list[SliceRecord]) -> torch.Tensor:
+    """The encoder's input for `records`: their prepared images, preprocessed, (N, 3, S, S)."""
+    return backbone.preprocess(np.stack([dataset.load(r)[0] for r in records]))
 
 
 def prompt_for(spec: TrialSpec, settings: PromptSettings, external: dict | None, mask: np.ndarray,
