@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 if str(REPOSITORY) not in sys.path:
     sys.path.insert(0, str(REPOSITORY))
 
-from benchmarks.cache_speedup import log, prepare  # noqa: E402
+from benchmarks.cache_speedup import add_common_arguments, log, measure_backbones  # noqa: E402
 from foundation.embedding_cache import EmbeddingCache  # noqa: E402
 from trainables.backbones import build_backbone, resolve_weights  # noqa: E402
 from trainables.fine_tune import DecoderFineTune, EncoderInTheLoop, TrialSpec  # noqa: E402
@@ -122,27 +121,11 @@ def measure(name: str, dataset, work: Path, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=8, help="training images (default 8)")
-    parser.add_argument("--val-images", type=int, default=4, help="validation images (default 4)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per way (default 2)")
-    parser.add_argument("--backbones", nargs="+", default=["litemedsam"])
+    add_common_arguments(parser, ["litemedsam"])
     parser.add_argument("--blocks", type=int, default=2, help="tuned encoder blocks (default 2)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--work", type=Path, default=None, help="folder for the phantom and caches (default: temp)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
-    if not 1 <= args.val_images <= args.images:
-        parser.error("--val-images must be between 1 and --images")
     log(f"retain_freed_memory: {retain_freed_memory()}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="adaptation-cost-") as temp:
-        work = args.work or Path(temp)
-        dataset = prepare(work, args.images, args.val_images)
-        results = [measure(name, dataset, work, args) for name in args.backbones]
-    print(json.dumps({"results": results}))
-    return 0
-
+    return measure_backbones(parser, args, "adaptation-cost-", measure)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -164,38 +164,47 @@ def measure(name: str, dataset: PreparedDataset, work: Path, args) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_common_arguments(parser: argparse.ArgumentParser, backbones: list[str]) -> None:
+    """The options this benchmark shares with benchmarks/adaptation_cost.py."""
     parser.add_argument("--images", type=int, default=8, help="training images (default 8)")
     parser.add_argument("--val-images", type=int, default=4, help="validation images (default 4)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per way (default 2)")
-    parser.add_argument("--backbones", nargs="+", default=["litemedsam", "sam2_t", "sam_b"])
+    parser.add_argument("--backbones", nargs="+", default=backbones)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompt", default="box")
     parser.add_argument("--work", type=Path, default=None, help="folder for the phantom and caches (default: temp)")
-    parser.add_argument("--in-loop-encode-batch", type=int, default=None,
-                        help="images per encoder call in the loop; 0: the whole batch at once, as the usual "
-                             "scripts do (default: the cache's batch size for the device, 1 on CPU)")
-    parser.add_argument("--system-malloc", action="store_true", help="do not call retain_freed_memory()")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's, one per core; a Ray trial with "
                              "cpus_per_trial 1 runs with 1)")
-    args = parser.parse_args(argv)
+
+
+def measure_backbones(parser: argparse.ArgumentParser, args, prefix: str, measure) -> int:
+    """Check the common options, prepare the phantom sample, `measure(name, dataset, work, args)`
+    each backbone and print the results as one JSON line."""
     if not 1 <= args.val_images <= args.images:
         parser.error("--val-images must be between 1 and --images")
-
-    if not args.system_malloc:
-        log(f"retain_freed_memory: {retain_freed_memory()}")
     if args.threads:
         torch.set_num_threads(args.threads)
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    with tempfile.TemporaryDirectory(prefix="cache-speedup-") as temp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as temp:
         work = args.work or Path(temp)
         dataset = prepare(work, args.images, args.val_images)
         results = [measure(name, dataset, work, args) for name in args.backbones]
     print(json.dumps({"results": results}))
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser, ["litemedsam", "sam2_t", "sam_b"])
+    parser.add_argument("--prompt", default="box")
+    parser.add_argument("--in-loop-encode-batch", type=int, default=None,
+                        help="images per encoder call in the loop; 0: the whole batch at once, as the usual "
+                             "scripts do (default: the cache's batch size for the device, 1 on CPU)")
+    parser.add_argument("--system-malloc", action="store_true", help="do not call retain_freed_memory()")
+    args = parser.parse_args(argv)
+    if not args.system_malloc:
+        log(f"retain_freed_memory: {retain_freed_memory()}")
+    return measure_backbones(parser, args, "cache-speedup-", measure)
 
 if __name__ == "__main__":
     sys.exit(main())
