@@ -10,8 +10,9 @@ scales its loss by its share of the batch, so the sum is the gradient of the who
 loss, the gradient a one-worker trial takes (the same numbers up to the order of float sums). That
 is what DistributedDataParallel does; it is done here by hand because a step is several module
 calls (encoder blocks, prompt encoder, decoder), not one forward of one wrapped module. The
-weights therefore stay equal in every worker; validation and test run in each (the same numbers)
-and only the first worker (`is_main`) writes checkpoints, tables and the ledger.
+weights therefore stay equal in every worker. Only the first worker (`is_main`) validates each
+epoch, tests the best one and writes checkpoints, tables and the ledger; the others train their
+shards and report the epochs without validation numbers (Tune gets the first worker's).
 """
 
 from __future__ import annotations

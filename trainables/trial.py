@@ -196,6 +196,7 @@ def train_and_test(trainer: Trainer, epochs: int, *, checkpoint_dir: Path | None
     history: list[dict] = []
     best = {"epoch": 0, "value": None, "state": trainer.weights()}
     swa_state, swa_count = None, 0
+    main = distributed.is_main()  # a data-parallel trial's other workers train only (see below)
     saved = load_checkpoint(checkpoint_dir, spec.device) if epochs and checkpoint_dir else None
     if saved is not None:
         trainer.load_state_dict(saved)
@@ -214,18 +215,19 @@ def train_and_test(trainer: Trainer, epochs: int, *, checkpoint_dir: Path | None
                 k: swa_state[k] + (live[k] - swa_state[k]) / swa_count if live[k].is_floating_point() else live[k]
                 for k in live}
             trainer.load_weights(swa_state)
-        val_rows, val_loss = trainer.evaluate(val, eval_prompt, full=False)
+        # validation selects the best epoch, which only the first worker keeps: the others skip it
+        val_rows, val_loss = trainer.evaluate(val, eval_prompt, full=False) if main else ([], float("nan"))
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                    "val_dice": mean_metric(val_rows, "dice"), "val_iou": mean_metric(val_rows, "iou"),
                    "seconds": time.perf_counter() - epoch_start}
         history.append(metrics)
         value = metrics[spec.select_metric]
         improved = best["value"] is None or (value > best["value"] if spec.select_mode == "max" else value < best["value"])
-        if improved:
+        if improved and main:
             best = {"epoch": epoch, "value": value, "state": trainer.weights()}
         if averaging:
             trainer.load_weights(live)
-        if checkpoint_dir and distributed.is_main():
+        if checkpoint_dir and main:
             save_checkpoint(checkpoint_dir, {
                 **trainer.state_dict(), "epoch": epoch, "history": history, "best_epoch": best["epoch"],
                 "best_value": best["value"], "best_state": best["state"], "swa_state": swa_state,
@@ -236,7 +238,9 @@ def train_and_test(trainer: Trainer, epochs: int, *, checkpoint_dir: Path | None
             print(f"[{spec.trial_id}] epoch {epoch}/{epochs} train_loss {metrics['train_loss']:.4f} "
                   f"val_dice {metrics['val_dice']:.4f} ({metrics['seconds']:.1f}s)", flush=True)
 
-    if checkpoint_dir and history and distributed.is_main():
+    if not main:  # the first worker tests the trial and writes its outputs; this one trained its shards
+        return TrialResult(spec.trial_id, spec.stage, history, [], {"epochs_run": len(history), **(summary or {})})
+    if checkpoint_dir and history:
         save_torch(best["state"], checkpoint_dir / trainer.best_file)
     trainer.load_weights(best["state"])
     val_rows = trainer.evaluate(val, eval_prompt, full=False)[0] if not history else []

@@ -12,6 +12,7 @@ import torch
 from foundation.embedding_cache import EmbeddingCache
 from study.data.prepare import prepare_dataset
 from trainables import fine_tune as fine_tune_module
+from trainables import trial as trial_module
 from trainables.backbones import build_backbone, resolve_weights
 from trainables.decoding import decode_rows, rows_for
 from trainables.fine_tune import DecoderFineTune, EncoderInTheLoop, TrialFailed, TrialSpec
@@ -221,6 +222,30 @@ def test_checkpoint_resume_continues_from_the_next_epoch(phantom_dataset, tmp_pa
     straight = run_trial(longer, dataset, config.cache_dir, checkpoint_dir=tmp_path / "straight")
     assert _without_seconds(resumed.history) == _without_seconds(straight.history)
     assert [row["dice"] for row in resumed.per_image] == [row["dice"] for row in straight.per_image]
+
+
+def test_a_data_parallel_trials_other_workers_train_the_same_steps_without_validating_or_testing(
+        phantom_dataset, tmp_path, monkeypatch):
+    """A worker that is not the first (`distributed.is_main` false) trains the same epochs as the
+    first one, but neither validates nor tests (the first worker keeps and tests the best epoch) and
+    writes no checkpoint; its history has the same training losses and no validation numbers."""
+    from trainables import distributed
+
+    config, dataset = phantom_dataset
+    spec = _small_spec(trial_id="ranks", optimizer="adam", epochs=2)
+    first = run_trial(spec, dataset, config.cache_dir, checkpoint_dir=tmp_path / "first")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a worker that is not the first validated or tested")
+
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    monkeypatch.setattr(DecoderFineTune, "evaluate", must_not_run)
+    monkeypatch.setattr(trial_module, "evaluate_on_test", must_not_run)
+    other = run_trial(spec, dataset, config.cache_dir, checkpoint_dir=tmp_path / "other")
+    assert [row["epoch"] for row in other.history] == [1, 2] and other.summary["epochs_run"] == 2
+    assert [row["train_loss"] for row in other.history] == [row["train_loss"] for row in first.history]
+    assert all(math.isnan(row["val_dice"]) and math.isnan(row["val_loss"]) for row in other.history)
+    assert other.per_image == [] and not (tmp_path / "other").exists()
 
 
 def test_a_non_finite_loss_fails_the_trial_naming_it_and_the_epoch(phantom_dataset, monkeypatch):
