@@ -423,9 +423,8 @@ class DecoderFineTune:
             picks = [0] * len(picks)
         chosen = [views[pick] for views, pick in zip(self.views.values(), picks)]
         batches = self.batches(chosen, rng)
-        click_rng = seeded_rng(spec.seed, "train", spec.train_seed, "epoch", epoch, "clicks")
         self.backbone.train_mode(True)
-        loss, steps = optimizer_steps(spec, batches, lambda batch: self.training_loss(batch, epoch, click_rng),
+        loss, steps = optimizer_steps(spec, batches, lambda batch: self.training_loss(batch, epoch),
                                       self.optimizer, self.schedule, epoch, "A lower learning rate usually helps.")
         self.optimizer_steps += steps
         self.backbone.train_mode(False)
@@ -441,7 +440,7 @@ class DecoderFineTune:
                 for k in range(out.logits.shape[1])) / out.logits.shape[1]
         return loss, picks
 
-    def training_loss(self, batch: list[SliceRecord], epoch: int, click_rng: np.random.Generator) -> torch.Tensor:
+    def training_loss(self, batch: list[SliceRecord], epoch: int) -> torch.Tensor:
         """One batch's training loss: the initial prompt's pass, then `train_clicks` click passes.
 
         Each click pass adds, per image, a corrective click drawn by the random rule from the
@@ -449,18 +448,22 @@ class DecoderFineTune:
         earlier prompts and clicks, and feeds that mask's low-resolution logits back as the mask
         input (detached, as micro-sam's trainer does: no gradient flows between passes); an image
         already segmented perfectly gets no click and is decoded again with its mask input. The
-        loss is the mean over the 1 + train_clicks passes.
+        loss is the mean over the 1 + train_clicks passes. A click's draw depends on the image, its
+        view, the epoch and the pass only (seeded per image), not on the batch it is in, so a
+        data-parallel worker that trains a shard of the batch draws what a one-worker trial draws.
         """
         spec = self.spec
         features = self.features(batch)
         prompts = self.prompts(batch, spec.prompt, epoch)
         out = self.forward(batch, spec.prompt, epoch, prompts=prompts, features=features)
         total, picks = self.step_loss(out)
-        for _ in range(spec.train_clicks):
+        for step in range(1, spec.train_clicks + 1):
             images = torch.arange(len(batch), device=out.logits.device)
             predictions = (out.logits[images, picks] > 0).cpu().numpy()
             for i, record in enumerate(batch):
-                click = corrective_click(predictions[i], self.mask(record), "random", click_rng)
+                rng = seeded_rng(spec.seed, "train", spec.train_seed, "epoch", epoch, record.image_id, record.view,
+                                 "click", step)
+                click = corrective_click(predictions[i], self.mask(record), "random", rng)
                 if click is not None:
                     prompts[i] = prompts[i].with_point(click.x, click.y, click.label)
             previous = out.low[images, picks].unsqueeze(1).detach()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from foundation.errors import UserError
+from trainables import fine_tune as fine_tune_module
 from trainables.backbones import RANDOM_WEIGHTS, build_backbone
 from trainables.clicks import Click, corrective_click, interior_distance
 
@@ -199,7 +200,7 @@ def test_click_training_adds_one_click_per_pass_and_feeds_the_trained_mask_back(
         return out
 
     monkeypatch.setattr(fine_tune, "forward", forward)
-    loss = fine_tune.training_loss(batch, 1, np.random.default_rng(0))
+    loss = fine_tune.training_loss(batch, 1)
     assert len(passes) == 3
     assert passes[0]["mask_input"] is None
     torch.testing.assert_close(loss, sum(p["loss"][0] for p in passes) / 3)
@@ -217,6 +218,30 @@ def test_click_training_adds_one_click_per_pass_and_feeds_the_trained_mask_back(
             assert predicted[y, x] != truth[y, x] and new.point_labels[-1] == int(truth[y, x])
 
 
+def test_a_training_clicks_draw_depends_on_its_image_not_on_its_batch(phantom_dataset, monkeypatch):
+    """What a data-parallel worker needs to draw what a one-worker trial draws: the generator each
+    corrective click is drawn with is the same for an image trained alone (a worker's shard) as
+    within the whole batch, and differs between images and between passes."""
+    fine_tune, _ = _sam_fine_tune(phantom_dataset, stage="finetune", epochs=1, train_clicks=2, clicks=0,
+                                  prompt="center_point")
+    _, dataset = phantom_dataset
+    batch = dataset.records_for("train")[:3]
+    draws = []
+    real_click = fine_tune_module.corrective_click
+
+    def corrective_click(prediction, truth, rule, rng):
+        draws.append(rng.bit_generator.state["state"]["state"])
+        return real_click(prediction, truth, rule, rng)
+
+    monkeypatch.setattr(fine_tune_module, "corrective_click", corrective_click)
+    fine_tune.training_loss(batch, 1)
+    whole = draws[:]  # pass 1: images 0, 1, 2; pass 2: images 0, 1, 2
+    draws.clear()
+    fine_tune.training_loss(batch[2:], 1)
+    assert draws == [whole[2], whole[5]]
+    assert len(set(whole)) == 6
+
+
 def test_without_train_clicks_the_training_loss_is_one_pass(phantom_dataset, monkeypatch):
     fine_tune, _ = _sam_fine_tune(phantom_dataset, stage="finetune", epochs=1, train_clicks=0, clicks=0)
     _, dataset = phantom_dataset
@@ -224,6 +249,6 @@ def test_without_train_clicks_the_training_loss_is_one_pass(phantom_dataset, mon
     calls = []
     real_forward = fine_tune.forward
     monkeypatch.setattr(fine_tune, "forward", lambda *a, **k: calls.append(k) or real_forward(*a, **k))
-    loss = fine_tune.training_loss(batch, 1, np.random.default_rng(0))
+    loss = fine_tune.training_loss(batch, 1)
     assert len(calls) == 1
     torch.testing.assert_close(loss, fine_tune.step_loss(real_forward(batch, "box", 1))[0])
