@@ -182,14 +182,18 @@ def test_a_perfect_prediction_gets_no_click_and_a_flat_curve(phantom_dataset, mo
         == [(k, 1.0, None, None) for k in range(4)]
 
 
+def _click_training(phantom_dataset):
+    """A fine-tune with train_clicks: 2 from centre points, and a batch of 3 training slices."""
+    fine_tune, _ = _sam_fine_tune(phantom_dataset, stage="finetune", epochs=1, train_clicks=2, clicks=0,
+                                  prompt="center_point")
+    return fine_tune, phantom_dataset[1].records_for("train")[:3]
+
+
 def test_click_training_adds_one_click_per_pass_and_feeds_the_trained_mask_back(phantom_dataset, monkeypatch):
     """train_clicks: 2 runs 3 decoder passes per batch; each later pass has one more point per image
     (inside that image's error region of the pass before) and, as mask input, the previous pass's
     low-resolution logits of the mask it trained, detached; the loss is the mean of the passes."""
-    fine_tune, _ = _sam_fine_tune(phantom_dataset, stage="finetune", epochs=1, train_clicks=2, clicks=0,
-                                  prompt="center_point")
-    _, dataset = phantom_dataset
-    batch = dataset.records_for("train")[:3]
+    fine_tune, batch = _click_training(phantom_dataset)
     passes = []
     real_forward = fine_tune.forward
 
@@ -222,10 +226,7 @@ def test_a_training_clicks_draw_depends_on_its_image_not_on_its_batch(phantom_da
     """What a data-parallel worker needs to draw what a one-worker trial draws: the generator each
     corrective click is drawn with is the same for an image trained alone (a worker's shard) as
     within the whole batch, and differs between images and between passes."""
-    fine_tune, _ = _sam_fine_tune(phantom_dataset, stage="finetune", epochs=1, train_clicks=2, clicks=0,
-                                  prompt="center_point")
-    _, dataset = phantom_dataset
-    batch = dataset.records_for("train")[:3]
+    fine_tune, batch = _click_training(phantom_dataset)
     draws = []
     real_click = fine_tune_module.corrective_click
 
